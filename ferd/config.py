@@ -1,0 +1,312 @@
+"""params.yaml -> frozen, validated dataclasses (one per section).
+
+Validation happens once, here: types (an int is not a bool, a float accepts an int), ranges
+(``field(metadata=...)`` with ``ge``/``gt``/``le``/``lt``), closed sets (``Literal``), nested
+sections, and unknown keys (an error that names the closest valid key). This module does not import
+torch, so the command line stays fast.
+
+Sections and who reads them (``dvc.yaml`` declares exactly these per stage; a test checks it):
+``seed`` (every stage), ``data``, ``teacher``, ``evaluate``; ``runtime`` (device, threads) changes
+speed, not results, and is deliberately not a DVC dependency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ferd.errors import ConfigError
+
+#: Architectures in ``ferd.models`` (kept here so config validation needs no torch; a test checks
+#: that the registry and this list agree).
+ARCHITECTURES = (
+    "cnn",
+    "resnet8",
+    "resnet20",
+    "resnet18",
+    "preactresnet18",
+    "preactresnet34",
+    "mobilenetv2",
+    "wrn34_10",
+    "wrn34_20",
+)
+
+DatasetName = Literal["fashion-mnist", "cifar10", "cifar100", "tiny-imagenet", "synthetic"]
+ArchName = Literal[
+    "cnn",
+    "resnet8",
+    "resnet20",
+    "resnet18",
+    "preactresnet18",
+    "preactresnet34",
+    "mobilenetv2",
+    "wrn34_10",
+    "wrn34_20",
+]
+
+
+def rng(default: Any, **bounds: float) -> Any:
+    """A dataclass field with a default and range bounds (ge, gt, le, lt)."""
+    return field(default=default, metadata=bounds)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how fast to compute. Not a DVC dependency: it changes speed, not results."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = rng(0, ge=0)  # torch CPU threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError(f"runtime.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class SyntheticDataConfig:
+    """The generated dataset used by tests and quick checks (class-dependent patterns + noise)."""
+
+    num_classes: int = rng(4, ge=2)
+    channels: int = rng(1, ge=1)
+    image_size: int = rng(16, ge=4)
+    train_per_class: int = rng(64, ge=1)
+    test_per_class: int = rng(16, ge=1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives, and the L-inf threat model's epsilon for it."""
+
+    name: DatasetName = "fashion-mnist"
+    root: str = "data/raw"
+    download: bool = False  # allow torchvision to download when the files are not found
+    verify_checksums: bool = True  # CIFAR md5 checks (test fixtures switch them off)
+    eps: float = rng(0.1, gt=0.0, le=1.0)  # 0.1 Fashion-MNIST, 8/255 CIFAR/Tiny-ImageNet
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    """PGD adversarial training (Madry et al.) for ``teacher.source: train``."""
+
+    epochs: int = rng(2, ge=1)
+    batch_size: int = rng(128, ge=1)
+    lr: float = rng(0.05, gt=0.0)
+    momentum: float = rng(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = rng(5e-4, ge=0.0)
+    attack_steps: int = rng(3, ge=1)
+    attack_step_size: float = rng(0.5, gt=0.0)  # PGD step = attack_step_size * eps
+    subset: int = rng(0, ge=0)  # train on the first N shuffled images; 0 = the whole split
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Where the robust teacher comes from and how it is built."""
+
+    source: str = "train"  # train | file:PATH | url:URL | robustbench:MODEL_ID
+    sha256: str = ""  # required for url: sources, checked for file: when given
+    arch: ArchName = "cnn"
+    width: int = rng(16, ge=1)  # width of the small CNN (ignored by the fixed architectures)
+    mean: tuple[float, ...] | None = None  # per-channel normalisation inside the model; None = identity
+    std: tuple[float, ...] | None = None
+    robustbench_dir: str = "data/raw/robustbench"  # RobustBench model_dir (offline: pre-filled)
+    download_timeout: float = rng(60.0, gt=0.0)  # seconds, for url: sources
+    train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    eval_subset: int = rng(0, ge=0)  # test images for the closing clean/PGD-20 check; 0 = all
+    eval_pgd_steps: int = rng(20, ge=1)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"train|(file|url|robustbench):.+", self.source):
+            raise ConfigError(
+                f"teacher.source: expected 'train', 'file:PATH', 'url:URL' or 'robustbench:MODEL_ID', got {self.source!r}"
+            )
+        if self.source.startswith("url:") and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ConfigError("teacher.sha256: a url: source needs the file's sha256 (64 lowercase hex digits)")
+        if self.sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ConfigError(f"teacher.sha256: expected 64 lowercase hex digits, got {self.sha256!r}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("teacher.mean / teacher.std: give both or neither")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ConfigError("teacher.std: every value must be > 0")
+
+
+AutoAttackVersion = Literal["standard", "fast", "off"]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``evaluate`` stage: attacks at ``data.eps`` on the test split (§5, project default §9 #7).
+
+    ``autoattack: standard`` is the reference AutoAttack (APGD-CE, APGD-T, FAB-T, Square);
+    ``fast`` is the cheaper, clearly named APGD-CE + APGD-T subset of the same implementation.
+    """
+
+    batch_size: int = rng(256, ge=1)
+    per_class: int = rng(0, ge=0)  # class-balanced cap for clean/FGSM/PGD/CW; 0 = full test split
+    pgd_steps: int = rng(20, ge=1)
+    pgd_step_size: float = rng(0.25, gt=0.0)  # alpha = pgd_step_size * eps
+    cw_steps: int = rng(30, ge=1)
+    cw_step_size: float = rng(0.25, gt=0.0)
+    autoattack: AutoAttackVersion = "standard"
+    autoattack_per_class: int = rng(20, ge=1)  # class-balanced AutoAttack subset (it is costly)
+    eps_sweep: tuple[float, ...] = (0.5, 1.0, 2.0)  # PGD at these multiples of eps: accuracy must fall
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole params.yaml."""
+
+    seed: int = rng(0, ge=0)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# generic validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and not isinstance(value, bool):
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}{hint}")
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return build_section(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in this module
+
+
+def _check_range(value: Any, bounds: Mapping[str, float], where: str) -> None:
+    if value is None or not bounds:
+        return
+    ops = {"ge": (lambda a, b: a >= b, ">="), "gt": (lambda a, b: a > b, ">"),
+           "le": (lambda a, b: a <= b, "<="), "lt": (lambda a, b: a < b, "<")}
+    for key, bound in bounds.items():
+        check, sign = ops[key]
+        if not check(value, bound):
+            raise ConfigError(f"{where}: must be {sign} {bound}, got {value!r}")
+
+
+def build_section(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from mapping ``raw`` (missing keys take defaults)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{where}.{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{where}.{key}'{hint}".replace("'.", "'"))
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            sub = f"{where}.{f.name}" if where else f.name
+            value = _coerce(hints[f.name], raw[f.name], sub)
+            _check_range(value, f.metadata, sub)
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def params_from_mapping(raw: Any) -> Params:
+    """Validate a parsed params.yaml mapping."""
+    return build_section(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read and validate ``path``; ``overrides`` maps dotted keys to values (``teacher.width: 8``)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: params file not found; run from the repository root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{at}; fix the syntax") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return params_from_mapping(raw)
+
+
+def as_dict(section: Any) -> dict[str, Any]:
+    """A section as a plain dict (tuples as lists), for JSON provenance and tables."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(section))

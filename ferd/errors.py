@@ -1,0 +1,26 @@
+"""Errors that the command line turns into one line on stderr and exit code 1.
+
+Every failure a user can fix (bad params, missing or corrupt artifact, wrong checkpoint) raises a
+``FerdError`` whose message says what is wrong *and* what to do about it. Anything else is a bug
+and keeps its traceback.
+"""
+
+
+class FerdError(Exception):
+    """A user-fixable failure; the message is shown as is, on one line."""
+
+
+class ConfigError(FerdError):
+    """params.yaml (or a command-line override) is invalid."""
+
+
+class ArtifactError(FerdError):
+    """An artifact is missing, corrupt, truncated, or of the wrong kind/shape."""
+
+
+class DataError(FerdError):
+    """A dataset cannot be found or read."""
+
+
+class SourceError(FerdError):
+    """A teacher source (file, URL, RobustBench id) cannot be used."""
