@@ -1,0 +1,30 @@
+# The two commands of the README: `make run` (set up + default pipeline), `make test` (set up + tests).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+# dvc.yaml's commands call `ferd`: put the venv first on PATH for everything make runs.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: all setup data run test lint bench clean-runs
+
+all: run
+
+setup: $(VENV)/.ferd-installed
+
+$(VENV)/.ferd-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+data:
+	scripts/ensure-fashion-mnist.sh data/raw/fashion-mnist
+
+run: setup data
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check ferd stages tests benchmarks

@@ -1,0 +1,170 @@
+"""What every command shares: params loading, error handling, the config table, progress bars.
+
+Output goes to stderr through rich (stdout stays free for data a user may pipe). A ``FerdError``
+becomes one line on stderr and exit code 1; anything else is a bug and keeps its traceback. There
+is deliberately no ``except Exception``: it would turn ``typer.Exit`` into success and let DVC
+cache a failed stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ferd.errors import FerdError
+
+console = Console(stderr=True, highlight=False)
+
+
+@dataclass(frozen=True)
+class GlobalOptions:
+    params: Path = Path("params.yaml")
+    device: str | None = None
+    threads: int | None = None
+
+
+def global_options(ctx: typer.Context) -> GlobalOptions:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, GlobalOptions) else GlobalOptions()
+
+
+def fail(message: str) -> None:
+    """Print one error line on stderr and exit 1."""
+    first = " ".join(str(message).split())
+    print(f"error: {first}", file=sys.stderr)
+    raise typer.Exit(code=1)
+
+
+def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ``FerdError`` into a one-line message and exit code 1 (nothing else is caught)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FerdError as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+class DeclaredParams:
+    """The validated params, restricted to the sections a stage declares in dvc.yaml.
+
+    Reading an undeclared section raises at once: a stage whose code depends on params DVC does
+    not know about would not be rerun when they change. ``runtime`` is always readable (speed only).
+    """
+
+    def __init__(self, params: Any, sections: tuple[str, ...]) -> None:
+        self._params = params
+        self._sections = frozenset(sections) | {"runtime"}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._sections:
+            raise RuntimeError(f"stage reads params section {name!r} without declaring it (add it to SECTIONS and dvc.yaml)")
+        return getattr(self._params, name)
+
+
+def load_stage_params(ctx: typer.Context, sections: tuple[str, ...]) -> Any:
+    """params.yaml with the global --device/--threads overrides applied, limited to ``sections``."""
+    from ferd.config import load_params
+
+    opts = global_options(ctx)
+    overrides: dict[str, Any] = {}
+    if opts.device is not None:
+        overrides["runtime.device"] = opts.device
+    if opts.threads is not None:
+        overrides["runtime.threads"] = opts.threads
+    return DeclaredParams(load_params(opts.params, overrides), sections)
+
+
+def setup_torch(params: Any, stage: str) -> Any:
+    """Threads, global seed, device; returns the torch.device."""
+    from ferd.runtime import configure_torch, resolve_device
+
+    configure_torch(params.runtime.threads, params.seed, stage)
+    return resolve_device(params.runtime.device)
+
+
+def _flatten(prefix: str, value: Any) -> Iterator[tuple[str, Any]]:
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _flatten(f"{prefix}.{f.name}" if prefix else f.name, getattr(value, f.name))
+    else:
+        yield prefix, value
+
+
+def print_config(stage: str, params: Any, sections: tuple[str, ...], device: Any = None) -> None:
+    """The resolved configuration of the sections a stage reads, as one rich table."""
+    table = Table(title=f"ferd {stage}: resolved configuration", title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("key", style="cyan", no_wrap=True)
+    table.add_column("value")
+    for section in sections:
+        for key, value in _flatten(section, getattr(params, section)):
+            if key.startswith("data.synthetic.") and params.data.name != "synthetic":
+                continue  # only meaningful for the generated dataset
+            table.add_row(key, repr(value) if isinstance(value, str) else str(value))
+    if device is not None:
+        table.add_row("device (resolved)", str(device))
+    console.print(table)
+
+
+class RichProgress:
+    """Adapter from ferd's ``progress(task, done, total, info)`` callback to a rich progress bar.
+
+    Without a terminal (DVC, CI, a log file) a live bar shows nothing, so there it prints one line
+    per task each time another tenth of it is done.
+    """
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
+        )
+        self._tasks: dict[str, Any] = {}
+        self._live = console.is_terminal
+        self._printed: dict[str, int] = {}
+        self._start = time.perf_counter()
+
+    def __call__(self, task: str, done: int, total: int, info: Mapping[str, float]) -> None:
+        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+        if not self._live:
+            tenth = (10 * done) // max(total, 1)
+            if tenth > self._printed.get(task, 0) or done == total:
+                if self._printed.get(task) != 10:
+                    elapsed = time.perf_counter() - self._start
+                    console.print(f"{task}: {done}/{total}  {text}  [{elapsed:.0f} s]")
+                self._printed[task] = tenth
+            return
+        if task not in self._tasks:
+            self._tasks[task] = self._progress.add_task(task, total=total, info=text)
+        self._progress.update(self._tasks[task], completed=done, total=total, info=text)
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.stop()
+
+
+@contextmanager
+def timed(what: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    console.print(f"[green]{what}[/] in {time.perf_counter() - start:.1f} s")

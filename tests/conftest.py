@@ -1,0 +1,55 @@
+"""Shared test set-up: tiny params, a tiny trained teacher artifact, git identity for DVC tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# DVC/git in temporary repos need an identity; CI machines may have none configured.
+for key, value in {
+    "GIT_AUTHOR_NAME": "ferd-tests", "GIT_AUTHOR_EMAIL": "tests@ferd.invalid",
+    "GIT_COMMITTER_NAME": "ferd-tests", "GIT_COMMITTER_EMAIL": "tests@ferd.invalid",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+def tiny_params(**sections: dict) -> dict:
+    """A params mapping for the synthetic 4-class 1x16x16 dataset and a width-4 CNN teacher."""
+    params = {
+        "seed": 0,
+        "runtime": {"device": "cpu", "threads": 1},
+        "data": {
+            "name": "synthetic", "root": "data/raw", "eps": 0.1,
+            "synthetic": {"num_classes": 4, "channels": 1, "image_size": 16, "train_per_class": 48, "test_per_class": 12},
+        },
+        "teacher": {
+            "source": "train", "arch": "cnn", "width": 4,
+            "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "attack_steps": 1, "attack_step_size": 1.0},
+            "eval_subset": 0, "eval_pgd_steps": 3,
+        },
+        "evaluate": {
+            "batch_size": 64, "pgd_steps": 3, "cw_steps": 3, "autoattack": "fast", "autoattack_per_class": 2,
+            "eps_sweep": [0.5, 1.0],
+        },
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(params.get(name), dict):
+            params[name] = {**params[name], **values}
+        else:
+            params[name] = values
+    return params
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_params_file(tmp_path: Path) -> Path:
+    return write_params(tmp_path / "params.yaml", tiny_params())

@@ -1,0 +1,101 @@
+"""dvc.yaml: each stage declares exactly the params it reads; `dvc repro` reruns exactly what changed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.cli import STAGE_MODULES
+from tests.conftest import REPO, tiny_params, write_params
+
+
+def _dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_stage_declares_exactly_its_sections():
+    stages = _dvc_stages()
+    assert set(stages) == set(STAGE_MODULES)
+    for name, stage in stages.items():
+        declared = stage.get("params", [])
+        assert declared == list(STAGE_MODULES[name].SECTIONS), name
+        assert "runtime" not in declared
+        assert stage["cmd"].startswith(f"ferd {name}")
+
+
+def test_undeclared_section_read_fails():
+    from ferd.config import params_from_mapping
+    from stages._ui import DeclaredParams
+
+    params = DeclaredParams(params_from_mapping({}), ("seed", "teacher"))
+    assert params.teacher.arch == "cnn" and params.runtime.device == "auto"
+    with pytest.raises(RuntimeError, match="without declaring"):
+        _ = params.evaluate
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path) -> Path:
+    """A throw-away git+DVC repo with this project's dvc.yaml, code and a tiny params file."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    for pkg in ("ferd", "stages"):
+        shutil.copytree(REPO / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "data" / "raw").mkdir(parents=True)
+    (repo / "data" / "raw" / "README").write_text("synthetic data need no files\n")
+    write_params(repo / "params.yaml", tiny_params())
+    _run(["git", "init", "-q"], repo)
+    _dvc(repo, "init", "-q")
+    _dvc(repo, "config", "core.analytics", "false")
+    return repo
+
+
+def _ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+@pytest.mark.slow
+def test_dvc_repro_reruns_only_what_changed(dvc_repo: Path):
+    first = _dvc(dvc_repo, "repro")
+    assert _ran(first) == {"fetch-teacher"}
+    assert (dvc_repo / "data" / "teacher" / "teacher.safetensors").is_file()
+    assert _ran(_dvc(dvc_repo, "repro")) == set()
+
+    params = tiny_params(runtime={"device": "cpu", "threads": 2})  # speed only: not a dependency
+    write_params(dvc_repo / "params.yaml", params)
+    assert _ran(_dvc(dvc_repo, "repro")) == set()
+
+    params["teacher"]["train"]["epochs"] = 1
+    write_params(dvc_repo / "params.yaml", params)
+    assert _ran(_dvc(dvc_repo, "repro")) == {"fetch-teacher"}
+
+
+@pytest.mark.slow
+def test_failed_stage_is_not_recorded(dvc_repo: Path):
+    _dvc(dvc_repo, "repro")
+    lock = (dvc_repo / "dvc.lock").read_text()
+    params = tiny_params()
+    params["teacher"]["source"] = "file:does/not/exist.pt"
+    write_params(dvc_repo / "params.yaml", params)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=dvc_repo, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "checkpoint not found" in proc.stdout + proc.stderr
+    assert (dvc_repo / "dvc.lock").read_text() == lock
