@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import pickle  # only for the exception type of a corrupt CIFAR batch (torchvision reads the pickles)
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -261,20 +262,24 @@ def load_split(cfg: DataConfig, split: Split) -> ImageSet:
     raise ValueError(f"unknown dataset {cfg.name!r}")
 
 
-def class_balanced_subset(data: ImageSet, per_class: int, seed: int) -> ImageSet:
-    """Up to ``per_class`` images of every class: the first ones after a ``seed``-ed shuffle.
+def class_balanced_indices(y: torch.Tensor, num_classes: int, per_class: int, seed: int) -> torch.Tensor:
+    """Indices of up to ``per_class`` samples of every class: the first ones after a ``seed``-ed shuffle.
 
-    Deterministic for a given ``(data, per_class, seed)``; the result keeps the original order (sorted
-    by index). A class with fewer images contributes all of them.
+    Deterministic for a given ``(y, per_class, seed)``; sorted ascending. A class with fewer samples
+    contributes all of them.
     """
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(data), generator=g)
-    labels = data.y[perm]
-    picked = [perm[labels == c][:per_class] for c in range(data.num_classes)]
-    idx = torch.sort(torch.cat(picked)).values if picked else torch.zeros(0, dtype=torch.long)
-    return data.subset(idx)
+    perm = torch.randperm(len(y), generator=g)
+    labels = y[perm]
+    picked = [perm[labels == c][:per_class] for c in range(num_classes)]
+    return torch.sort(torch.cat(picked)).values if picked else torch.zeros(0, dtype=torch.long)
+
+
+def class_balanced_subset(data: ImageSet, per_class: int, seed: int) -> ImageSet:
+    """The :func:`class_balanced_indices` subset of ``data`` (original order kept)."""
+    return data.subset(class_balanced_indices(data.y, data.num_classes, per_class, seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +357,7 @@ def _load_fashion_mnist(cfg: DataConfig, split: Split) -> ImageSet:
 
         try:
             FashionMNIST(cfg.root, train=True, download=True)
-        except Exception as exc:  # network / archive failures of torchvision
+        except (OSError, RuntimeError, ValueError) as exc:  # network / archive failures (URLError is an OSError)
             raise DataError(
                 f"Fashion-MNIST download into {Path(cfg.root) / 'FashionMNIST/raw'} failed "
                 f"({type(exc).__name__}: {exc}); check the network or install dataset-fashion-mnist"
@@ -418,7 +423,7 @@ def _load_cifar(cfg: DataConfig, split: Split) -> ImageSet:
             f"{pretty} in {folder} failed its md5 check or is corrupt; delete it and set data.download: true "
             "to re-fetch it (or data.verify_checksums: false for test fixtures)"
         ) from None
-    except Exception as exc:  # unreadable pickles, wrong shapes, download failures
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:  # unreadable files
         raise DataError(
             f"{pretty} in {folder} could not be read ({type(exc).__name__}: {exc}); delete it and set "
             "data.download: true to re-fetch it"
@@ -455,7 +460,7 @@ def _load_tiny_imagenet(cfg: DataConfig, split: Split) -> ImageSet:
 
         try:
             download_and_extract_archive(TINY_IMAGENET_URL, str(cfg.root))
-        except Exception as exc:
+        except (OSError, RuntimeError, ValueError) as exc:  # network / archive failures
             raise DataError(f"Tiny-ImageNet download into {cfg.root} failed ({type(exc).__name__}: {exc})") from None
     if not (base / "wnids.txt").is_file():
         raise DataError(

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from stages import fetch_teacher, info
+from stages import evaluate, fetch_teacher, info, report
 from stages._ui import GlobalOptions
 
 app = typer.Typer(
@@ -47,8 +47,9 @@ STAGES = "Pipeline stages"
 TOOLS = "Tools"
 
 #: dvc.yaml stage name -> the module implementing it (its SECTIONS are the params it may read).
-STAGE_MODULES = {"fetch-teacher": fetch_teacher}
+STAGE_MODULES = {"fetch-teacher": fetch_teacher, "evaluate": evaluate}
 
 for _name, _module in STAGE_MODULES.items():
     app.command(_name, rich_help_panel=STAGES)(_module.command)
+app.command("report", rich_help_panel=TOOLS)(report.command)
 app.command("info", rich_help_panel=TOOLS)(info.command)

@@ -53,3 +53,18 @@ def write_params(path: Path, params: dict) -> Path:
 @pytest.fixture
 def tiny_params_file(tmp_path: Path) -> Path:
     return write_params(tmp_path / "params.yaml", tiny_params())
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A teacher artifact trained on the synthetic data by `ferd fetch-teacher` (once per session)."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    folder = tmp_path_factory.mktemp("teacher")
+    params = write_params(folder / "params.yaml", tiny_params())
+    out = folder / "teacher.safetensors"
+    result = CliRunner().invoke(app, ["--params", str(params), "fetch-teacher", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out

@@ -135,10 +135,11 @@ def test_wrong_arch_checkpoint_is_refused(tmp_path):
     assert not out.exists()
 
 
-def test_pickled_object_checkpoint_is_refused(tmp_path):
-    class Evil:
-        pass
+class Evil:
+    """An arbitrary object: unpickling it would run code from the checkpoint's author."""
 
+
+def test_pickled_object_checkpoint_is_refused(tmp_path):
     ckpt = tmp_path / "evil.pt"
     torch.save({"model": Evil()}, ckpt)
     result = invoke(_rgb_params(tmp_path, source=f"file:{ckpt}", arch="cnn"), "fetch-teacher",

@@ -23,6 +23,7 @@ def test_every_stage_declares_exactly_its_sections():
     stages = _dvc_stages()
     assert set(stages) == set(STAGE_MODULES)
     for name, stage in stages.items():
+        stage = stage.get("do", stage)  # foreach stages
         declared = stage.get("params", [])
         assert declared == list(STAGE_MODULES[name].SECTIONS), name
         assert "runtime" not in declared

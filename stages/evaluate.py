@@ -1,0 +1,69 @@
+"""``ferd evaluate``: clean / FGSM / PGD / CW / AutoAttack accuracy per class (params: seed, data, evaluate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from stages._ui import RichProgress, console, handles_errors, load_stage_params, print_config, setup_torch, timed
+
+SECTIONS = ("seed", "data", "evaluate")
+COLUMNS = ("clean", "fgsm", "pgd", "cw", "autoattack")
+PRODUCED_BY = {"teacher": "fetch-teacher", "student": "distill"}
+
+
+@handles_errors
+def command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option(help="Which model; names metrics/<name>.json and <name>_per_class.csv.")] = "teacher",
+    model: Annotated[Path | None, typer.Option(help="Model artifact [default: data/<name>/<name>.safetensors].")] = None,
+    metrics_dir: Annotated[Path, typer.Option(help="Where to write the metrics.")] = Path("metrics"),
+) -> None:
+    """Attack a model on the test split; write per-class accuracy and its summary (avg, worst, NSD)."""
+    from ferd.artifacts import load_model, save_csv, save_json
+    from ferd.data import dataset_info, load_split
+    from ferd.errors import ArtifactError
+    from ferd.evaluate import evaluate_model
+
+    params = load_stage_params(ctx, SECTIONS)
+    device = setup_torch(params, f"evaluate-{name}")
+    print_config(f"evaluate ({name})", params, SECTIONS, device)
+    path = model or Path("data") / name / f"{name}.safetensors"
+    net, meta = load_model(path, device=device, produced_by=PRODUCED_BY.get(name))
+    info = dataset_info(params.data)
+    if tuple(meta["input_shape"]) != tuple(info.image_shape) or meta["num_classes"] != info.num_classes:
+        raise ArtifactError(
+            f"{path}: model takes {meta['num_classes']} classes of {meta['input_shape']} images but {info.name} has "
+            f"{info.num_classes} of {list(info.image_shape)}; check data.name or the model"
+        )
+    test = load_split(params.data, "test")
+    with timed(f"evaluate ({name})"), RichProgress() as progress:
+        result = evaluate_model(net, test, params.evaluate, eps=params.data.eps, seed=params.seed, progress=progress)
+    columns = ["class", "name", *[c for c in COLUMNS if c in result.per_class]]
+    save_json(metrics_dir / f"{name}.json", result.flat_metrics())
+    save_csv(metrics_dir / f"{name}_per_class.csv", result.per_class_rows(), columns)
+    _print_result(name, result)
+    console.print(f"wrote {metrics_dir / f'{name}.json'} and {metrics_dir / f'{name}_per_class.csv'}")
+
+
+def _print_result(name: str, result) -> None:
+    attacks = [c for c in COLUMNS if c in result.per_class]
+    label = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD", "cw": "CW∞", "autoattack": f"AA ({result.autoattack_version})"}
+    table = Table(title=f"{name}: accuracy per class at eps {result.eps:g}", title_justify="left", show_edge=False)
+    table.add_column("class", style="cyan")
+    for a in attacks:
+        table.add_column(label[a], justify="right")
+    for c, cname in enumerate(result.class_names):
+        table.add_row(cname, *[f"{result.per_class[a][c]:.3f}" for a in attacks])
+    table.add_section()
+    for key, title in (("avg", "average"), ("worst", "worst class"), ("worst10", "worst 10%"), ("nsd", "NSD")):
+        values = [result.summary[a][key] for a in attacks]
+        if all(v is not None for v in values):
+            table.add_row(f"[bold]{title}[/]", *[f"{v:.3f}" for v in values])
+    table.add_row("images", *[str(result.images[a]) for a in attacks])
+    console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")

@@ -1,0 +1,101 @@
+"""`ferd evaluate` and `ferd report` on the tiny synthetic teacher, AutoAttack included."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from typer.testing import CliRunner
+
+from stages.cli import app
+from tests.conftest import tiny_params, write_params
+
+runner = CliRunner()
+
+
+def _evaluate(tmp_path, teacher, **evaluate):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    base = tiny_params()
+    params = write_params(tmp_path / "params.yaml", tiny_params(evaluate={**base["evaluate"], **evaluate}))
+    metrics = tmp_path / "metrics"
+    result = runner.invoke(app, ["--params", str(params), "evaluate", "--name", "teacher", "--model", str(teacher),
+                                 "--metrics-dir", str(metrics)])
+    return result, metrics
+
+
+def test_evaluate_writes_metrics_and_per_class_csv(tmp_path, tiny_teacher):
+    result, metrics = _evaluate(tmp_path, tiny_teacher)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((metrics / "teacher.json").read_text())
+    for attack in ("clean", "fgsm", "pgd", "cw", "autoattack"):
+        for key in ("avg", "worst", "nsd", "images", "worst_class"):
+            assert f"{attack}_{key}" in summary, (attack, key)
+        assert "worst10" not in f"{attack}_worst10" or f"{attack}_worst10" not in summary  # only for >= 100 classes
+    assert summary["autoattack_version"] == "fast" and summary["autoattack_images"] == 8
+    assert summary["clean_images"] == 48
+    assert summary["clean_avg"] >= summary["pgd_avg"] >= 0
+    assert summary["clean_worst"] <= summary["clean_avg"] + 1e-9
+    assert set(summary) >= {"pgd_eps_x0.5_avg", "pgd_eps_x1_avg"}
+    with open(metrics / "teacher_per_class.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["name"] for r in rows] == ["class0", "class1", "class2", "class3"]
+    assert list(rows[0]) == ["class", "name", "clean", "fgsm", "pgd", "cw", "autoattack"]
+    assert all(0 <= float(r[a]) <= 1 for r in rows for a in ("clean", "pgd", "autoattack"))
+    # the per-class mean of clean accuracy equals the average (the split is balanced)
+    clean = [float(r["clean"]) for r in rows]
+    assert abs(sum(clean) / 4 - summary["clean_avg"]) < 1e-5
+    assert "AA (fast)" in result.output
+
+
+def test_evaluate_is_deterministic(tmp_path, tiny_teacher):
+    r1, m1 = _evaluate(tmp_path / "a", tiny_teacher, autoattack="off")
+    r2, m2 = _evaluate(tmp_path / "b", tiny_teacher, autoattack="off")
+    assert r1.exit_code == r2.exit_code == 0
+    assert (m1 / "teacher.json").read_bytes() == (m2 / "teacher.json").read_bytes()
+    assert (m1 / "teacher_per_class.csv").read_bytes() == (m2 / "teacher_per_class.csv").read_bytes()
+
+
+def test_evaluate_standard_autoattack_on_a_few_images(tmp_path, tiny_teacher):
+    result, metrics = _evaluate(tmp_path, tiny_teacher, autoattack="standard", autoattack_per_class=1, eps_sweep=[])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((metrics / "teacher.json").read_text())
+    assert summary["autoattack_version"] == "standard" and summary["autoattack_images"] == 4
+
+
+def test_evaluate_refuses_a_model_for_other_data(tmp_path, tiny_teacher):
+    base = tiny_params()
+    data = {**base["data"], "synthetic": {**base["data"]["synthetic"], "num_classes": 5}}
+    params = write_params(tmp_path / "params.yaml", tiny_params(data=data))
+    result = runner.invoke(app, ["--params", str(params), "evaluate", "--model", str(tiny_teacher),
+                                 "--metrics-dir", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "check data.name or the model" in result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_evaluate_missing_model_names_the_stage(tmp_path):
+    params = write_params(tmp_path / "params.yaml", tiny_params())
+    result = runner.invoke(app, ["--params", str(params), "evaluate", "--name", "student", "--model",
+                                 str(tmp_path / "none.safetensors")])
+    assert result.exit_code == 1 and "ferd distill" in result.output
+
+
+def test_report_writes_figure_and_summary(tmp_path, tiny_teacher):
+    result, metrics = _evaluate(tmp_path, tiny_teacher, autoattack="off")
+    assert result.exit_code == 0
+    # a second model's metrics (a copy) so the figure has two groups
+    (metrics / "student.json").write_bytes((metrics / "teacher.json").read_bytes())
+    (metrics / "student_per_class.csv").write_bytes((metrics / "teacher_per_class.csv").read_bytes())
+    out = tmp_path / "reports"
+    rep = runner.invoke(app, ["report", "--metrics-dir", str(metrics), "--out", str(out)])
+    assert rep.exit_code == 0, rep.output
+    png = (out / "per_class.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    text = (out / "summary.md").read_text()
+    assert "| teacher | worst class |" in text and "| student | NSD |" in text and "class3" in text
+    again = runner.invoke(app, ["report", "--metrics-dir", str(metrics), "--out", str(out)])
+    assert again.exit_code == 0 and (out / "per_class.png").read_bytes() == png
+
+
+def test_report_without_metrics_is_an_error(tmp_path):
+    result = runner.invoke(app, ["report", "--metrics-dir", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "run `ferd evaluate`" in result.output
