@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 # dvc.yaml's commands call `ferd`: put the venv first on PATH for everything make runs.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: all setup data run test lint bench clean-runs
+.PHONY: all setup data run report test lint bench
 
 all: run
 
@@ -22,9 +22,16 @@ data:
 run: setup data
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
+	$(BIN)/ferd report
+
+report: setup
+	$(BIN)/ferd report
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+bench: setup data
+	$(BIN)/python benchmarks/bench_evaluate.py
 
 lint: setup
 	$(BIN)/ruff check ferd stages tests benchmarks

@@ -381,6 +381,8 @@ def autoattack_predictions(
             n_classes = model(x[:1].to(dev)).shape[1]
         if n_classes < 4:
             raise ValueError(f"autoattack: needs a model with at least 4 classes (targeted DLR loss), got {n_classes}")
+        if y.min().item() < 0 or y.max().item() >= n_classes:
+            raise ValueError(f"autoattack: labels must be in [0, {n_classes}), got [{y.min().item()}, {y.max().item()}]")
         n_targets = min(9, n_classes - 1)
         if version == "standard":
             adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=dev, seed=seed)

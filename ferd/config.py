@@ -5,9 +5,10 @@ Validation happens once, here: types (an int is not a bool, a float accepts an i
 sections, and unknown keys (an error that names the closest valid key). This module does not import
 torch, so the command line stays fast.
 
-Sections and who reads them (``dvc.yaml`` declares exactly these per stage; a test checks it):
-``seed`` (every stage), ``data``, ``teacher``, ``evaluate``; ``runtime`` (device, threads) changes
-speed, not results, and is deliberately not a DVC dependency.
+Sections: ``seed``, ``data``, ``teacher``, ``probe``, ``reweight``, ``fae``, ``utae``, ``distill``,
+``evaluate``; each stage module's ``SECTIONS`` lists what it reads and ``dvc.yaml`` declares exactly
+that (a test checks it). ``runtime`` (device, threads) changes speed, not results, and is
+deliberately not a DVC dependency.
 """
 
 from __future__ import annotations
@@ -137,6 +138,94 @@ class TeacherConfig:
             raise ConfigError("teacher.std: every value must be > 0")
 
 
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Per-class fragility D_c of the teacher on synthetic data (§2.2): PGD on the frozen teacher."""
+
+    per_class: int = rng(16, ge=1)  # probe images per class, synthesised class-balanced by the FAE synthesiser
+    steps: int = rng(20, ge=1)  # PGD-20 as in the paper
+    step_size: float = rng(0.25, gt=0.0)  # alpha = step_size * eps (2/255 at 8/255)
+    fragility: Literal["all", "agreed"] = "all"  # average -margin over all samples (paper) or only those the teacher labels right
+    real_split: Literal["none", "train", "test"] = "train"  # also probe a real labelled split (diagnostic only)
+    real_per_class: int = rng(100, ge=1)
+
+
+@dataclass(frozen=True)
+class ReweightConfig:
+    """Class proportions p from fragility D (§2.2): softmax(D/tau) (paper), min-max (code), uniform (ablation)."""
+
+    method: Literal["softmax", "minmax", "uniform"] = "softmax"
+    tau: float = rng(1.0, gt=0.0)
+    min_p: float = rng(0.05, gt=0.0, lt=1.0)  # min-max map bounds (the reference code's 0.05..0.20)
+    max_p: float = rng(0.20, gt=0.0, le=1.0)
+    momentum: float = rng(0.0, ge=0.0, lt=1.0)  # running average of D across epochs; 0 = use each epoch's D alone
+
+    def __post_init__(self) -> None:
+        if self.min_p >= self.max_p:
+            raise ConfigError(f"reweight.min_p ({self.min_p}) must be < reweight.max_p ({self.max_p})")
+
+
+@dataclass(frozen=True)
+class FaeConfig:
+    """FERD's generator phase (§2.1, §2.3, §2.4): Fairness-Aware Examples appended to the pool each epoch."""
+
+    epochs: int = rng(14, ge=1)  # total synthesis epochs E (warm-up included); the pool ends with E batches
+    warmup: int = rng(2, ge=0)  # generator-only epochs before the student trains (paper: 20)
+    batch_size: int = rng(128, ge=1)  # B: images synthesised (and kept) per epoch
+    steps: int = rng(40, ge=1)  # N_G generator steps per epoch (paper: 200)
+    nz: int = rng(100, ge=1)
+    ngf: int = rng(64, ge=1)
+    lr_g: float = rng(2e-3, gt=0.0)
+    lr_z: float = rng(0.015, gt=0.0)
+    lambda_bn: float = rng(5.0, ge=0.0)
+    lambda_adv: float = rng(1.0, ge=0.0)
+    lambda_oh: float = rng(1.0, ge=0.0)
+    lambda_uni: float = rng(5.0, ge=0.0)  # 0 switches the FAE uniformity term off (ablation)
+    ib_steps: int = rng(10, ge=1)  # IB channel-noise fit steps per generator step (paper: 50)
+    ib_lr: float = rng(0.1, gt=0.0)
+    ib_beta: float = rng(0.3, ge=0.0)
+    ib_threshold: Literal["global", "per-sample"] = "global"  # the code's batch-wide max, or per sample
+    augment_pad: int = rng(2, ge=0)  # random shift (crop after padding) in pixels; paper: 4 on 32 px
+    augment_flip: bool = False  # horizontal flips (paper: on for CIFAR; wrong for Fashion-MNIST)
+
+    def __post_init__(self) -> None:
+        if self.warmup >= self.epochs:
+            raise ConfigError(f"fae.warmup ({self.warmup}) must be < fae.epochs ({self.epochs}): the student needs epochs")
+
+
+@dataclass(frozen=True)
+class UtaeConfig:
+    """Uniform-Target Adversarial Examples (§2.5): KL-PGD minus gamma * KL(U || p)."""
+
+    gamma: float = rng(0.3, ge=0.0, le=1.0)  # paper: 0.1-0.5 best; 0 = plain KL-PGD (ablation)
+    steps: int = rng(10, ge=1)
+    step_size: float = rng(0.25, gt=0.0)  # alpha = step_size * eps
+    init_noise: float = rng(0.001, ge=0.0)  # x_U^0 = x_F + init_noise * N(0, I)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Robust distillation of the student (§2.6, §2.7)."""
+
+    schedule: Literal["staged", "interleaved"] = "staged"
+    arch: ArchName = "cnn"
+    width: int = rng(8, ge=1)
+    steps: int = rng(35, ge=1)  # N_S student steps per epoch (paper: 400)
+    batch_size: int = rng(128, ge=1)
+    lr: float = rng(0.1, gt=0.0)
+    momentum: float = rng(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = rng(5e-4, ge=0.0)
+    loss: Literal["kl", "ikl"] = "kl"  # KL form (project default) or the full IKL/DKL
+    lambda_clean: float = rng(5 / 6, ge=0.0)
+    lambda_adv: float = rng(1 / 6, ge=0.0)
+    ikl_temperature: float = rng(100.0, gt=0.0)  # T2 of the IKL weights softmax(t / T2)
+    utae_init: Literal["noise", "cached"] = "noise"  # from FAE + noise (faithful) or from gen-utae's perturbation
+    cached_steps: int = rng(3, ge=1)  # UTAE steps when starting from the cached perturbation
+    holdout_per_class: int = rng(10, ge=0)  # pool images per class held out for the synthetic PGD curve
+    augment_pad: int = rng(2, ge=0)
+    augment_flip: bool = False
+
+
 AutoAttackVersion = Literal["standard", "fast", "off"]
 
 
@@ -167,6 +256,11 @@ class Params:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    fae: FaeConfig = field(default_factory=FaeConfig)
+    utae: UtaeConfig = field(default_factory=UtaeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 

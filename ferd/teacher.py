@@ -9,10 +9,10 @@ Sources (``teacher.source``):
   layouts, ``module.`` prefixes and ``{"state_dict"|"net"|"model": ...}`` wrappers are accepted.
 - ``url:URL``: downloaded to a temporary file with a bounded timeout, its sha256 checked against
   ``teacher.sha256`` *before* anything is written, then read as a file.
-- ``robustbench:MODEL_ID``: the RobustBench checkpoint at
+- ``robustbench:MODEL_ID`` (CIFAR-10/100): the RobustBench checkpoint at
   ``<robustbench_dir>/<dataset>/Linf/<MODEL_ID>.pt`` (offline: put it there); when it is absent and
-  the optional ``robustbench`` package is installed, RobustBench downloads it there first. The
-  file is then read by us with ``weights_only=True``.
+  the optional ``robustbench`` package is installed, it is downloaded there first through
+  RobustBench's model zoo. The file is then read by us with ``weights_only=True``.
 
 Whatever the source, the teacher is checked at the end on the test split (clean and PGD accuracy,
 per class) and the result is stored in the artifact's metadata.
@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ferd.artifacts import atomic_path
 from ferd.config import Params, TeacherTrainConfig, as_dict
 from ferd.errors import SourceError
 from ferd.runtime import Progress, no_progress, torch_generator
 
-ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "tiny-imagenet": "imagenet"}
+ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}
 
 
 @dataclass
@@ -199,25 +200,38 @@ def download(url: str, sha256: str, *, timeout: float, dest_dir: Path) -> Path:
 
 
 def _robustbench_checkpoint(model_id: str, params: Params) -> Path:
+    """RobustBench's checkpoint file for ``model_id``, downloaded by its zoo entry when absent.
+
+    RobustBench's own ``load_model`` unpickles the file (``torch.load`` without ``weights_only``),
+    so it is never called: we look the Google-Drive id up in its model zoo, download the file with
+    its downloader into a temporary file, move it into place, and read it ourselves.
+    """
     dataset = ROBUSTBENCH_DATASETS.get(params.data.name)
     if dataset is None:
-        raise SourceError(f"robustbench: sources exist for cifar10, cifar100 and tiny-imagenet, not {params.data.name}")
+        raise SourceError(f"robustbench: sources exist for cifar10 and cifar100, not {params.data.name}")
     path = Path(params.teacher.robustbench_dir) / dataset / "Linf" / f"{model_id}.pt"
     if path.is_file():
         return path
     try:
-        from robustbench.utils import download_gdrive_new  # noqa: F401  (only probes that the extra is installed)
-        from robustbench.utils import load_model as rb_load_model
+        from robustbench.model_zoo import model_dicts
+        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+        from robustbench.utils import download_gdrive_new
     except ImportError:
         raise SourceError(
             f"{path}: RobustBench checkpoint not found and the robustbench extra is not installed; "
             "put the file there (offline) or `pip install -e .[robustbench]`"
         ) from None
-    # RobustBench downloads into model_dir; we discard its (unpickled) model object and read the file
-    # ourselves with weights_only=True below.
-    rb_load_model(model_name=model_id, model_dir=params.teacher.robustbench_dir, dataset=dataset, threat_model="Linf")
-    if not path.is_file():
-        raise SourceError(f"{path}: RobustBench did not produce the checkpoint for {model_id}")
+    entry = model_dicts[BenchmarkDataset(dataset)][ThreatModel("Linf")].get(model_id)
+    if entry is None:
+        raise SourceError(f"robustbench: no Linf {dataset} model named {model_id!r} in RobustBench's model zoo")
+    gdrive_id = entry.get("gdrive_id")
+    if not isinstance(gdrive_id, str):
+        raise SourceError(f"robustbench:{model_id} is an ensemble or timm model; use teacher.source: file:PATH")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        download_gdrive_new(gdrive_id, tmp)
+        if not tmp.stat().st_size:
+            raise SourceError(f"robustbench:{model_id}: the download came back empty; check the network")
     return path
 
 

@@ -75,7 +75,7 @@ def _ran(output: str) -> set[str]:
 @pytest.mark.slow
 def test_dvc_repro_reruns_only_what_changed(dvc_repo: Path):
     first = _dvc(dvc_repo, "repro")
-    assert _ran(first) == {"fetch-teacher"}
+    assert _ran(first) == {"fetch-teacher", "evaluate@teacher"}
     assert (dvc_repo / "data" / "teacher" / "teacher.safetensors").is_file()
     assert _ran(_dvc(dvc_repo, "repro")) == set()
 
@@ -83,9 +83,13 @@ def test_dvc_repro_reruns_only_what_changed(dvc_repo: Path):
     write_params(dvc_repo / "params.yaml", params)
     assert _ran(_dvc(dvc_repo, "repro")) == set()
 
+    params["evaluate"]["pgd_steps"] = 2
+    write_params(dvc_repo / "params.yaml", params)
+    assert _ran(_dvc(dvc_repo, "repro")) == {"evaluate@teacher"}
+
     params["teacher"]["train"]["epochs"] = 1
     write_params(dvc_repo / "params.yaml", params)
-    assert _ran(_dvc(dvc_repo, "repro")) == {"fetch-teacher"}
+    assert _ran(_dvc(dvc_repo, "repro")) == {"fetch-teacher", "evaluate@teacher"}
 
 
 @pytest.mark.slow

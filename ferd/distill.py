@@ -1,0 +1,395 @@
+"""Robust distillation of the student on the synthetic pool (method reference §2.6, §2.7, §3 part C).
+
+Per student step (§3 C): sample a batch x_F uniformly from the eligible pool, augment it (random
+shift, optional flip), take the frozen teacher's clean logits t = T(x_F), craft UTAEs x_U against
+the **current student** (§2.5, :func:`ferd.utae.craft_utae`, the reference code / RSLAD convention;
+§9 #3), and take one SGD step on (§2.6, project default §9 #4)::
+
+    L_stu = λ1 · L(T(x_F), S(x_F)) + λ2 · L(T(x_F), S(x_U)),   L = KL (default) or IKL/DKL
+
+Optimisation (§2.7): SGD with momentum and weight decay; CosineAnnealingLR with T_max = total
+epochs, stepped once per epoch from epoch 1 *including the warm-up epochs* (§7 #6), so the student
+starts at the rate the schedule has after ``warmup`` steps.
+
+Pool growth (DESIGN ``distill.schedule``): student epoch k (global epoch warmup + k) trains on the
+images synthesised in epochs ≤ warmup + k. ``staged``: the cached pool already holds every epoch;
+``interleaved``: a ``synthesize(epoch, student)`` callback appends that epoch's batch first.
+
+A fixed class-balanced holdout of pool images (never trained on) gives a per-epoch synthetic
+clean / PGD-10 curve against the teacher's labels. No test set is ever touched here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ferd.attacks import frozen_eval, run_attack
+from ferd.config import DistillConfig, UtaeConfig
+from ferd.errors import FerdError
+from ferd.losses import soft_label_loss
+from ferd.runtime import Progress, no_progress, torch_generator
+from ferd.utae import craft_utae
+
+__all__ = [
+    "LOG_COLUMNS",
+    "DistillState",
+    "Pool",
+    "split_holdout",
+    "student_loss",
+    "train_student",
+]
+
+#: Columns of every per-epoch log row (all floats; NaN for holdout metrics with an empty holdout).
+LOG_COLUMNS = (
+    "epoch",
+    "lr",
+    "loss",
+    "loss_clean",
+    "loss_adv",
+    "pool_size",
+    "holdout_clean_acc",
+    "holdout_pgd_acc",
+    "train_agreement",
+    "train_agreement_adv",
+)
+
+#: PGD of the per-epoch holdout curve: 10 steps of eps/4 (random start from a fixed seeded generator).
+HOLDOUT_PGD_STEPS = 10
+
+
+# --------------------------------------------------------------------------------------------
+# loss
+
+
+def student_loss(
+    teacher_logits_clean: Tensor, s_clean: Tensor, s_adv: Tensor, cfg: DistillConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``λ1·L(T(x_F), S(x_F)) + λ2·L(T(x_F), S(x_U))`` (§2.6); parts ``loss``, ``loss_clean``, ``loss_adv`` (detached)."""
+    t = teacher_logits_clean.detach()
+    clean = soft_label_loss(cfg.loss, t, s_clean, cfg.ikl_temperature)
+    adv = soft_label_loss(cfg.loss, t, s_adv, cfg.ikl_temperature)
+    loss = cfg.lambda_clean * clean + cfg.lambda_adv * adv
+    return loss, {"loss": loss.detach(), "loss_clean": clean.detach(), "loss_adv": adv.detach()}
+
+
+# --------------------------------------------------------------------------------------------
+# pool
+
+
+@dataclass
+class Pool:
+    """The append-only synthetic pool (§2.4): images, labels, and the synthesis epoch (≥ 1) of each."""
+
+    x: Tensor
+    y: Tensor
+    epoch: Tensor
+
+    def __post_init__(self) -> None:
+        n = self.x.shape[0] if self.x.ndim else -1
+        if self.x.ndim != 4 or not self.x.is_floating_point():
+            raise ValueError(f"Pool.x must be a float tensor [N, C, H, W], got {tuple(self.x.shape)} {self.x.dtype}")
+        if self.y.shape != (n,) or self.epoch.shape != (n,):
+            raise ValueError(f"Pool: y and epoch must have shape [{n}], got {tuple(self.y.shape)} and {tuple(self.epoch.shape)}")
+        if self.y.is_floating_point() or self.epoch.is_floating_point():
+            raise ValueError("Pool: y and epoch must be integer tensors")
+        if n and int(self.epoch.min()) < 1:
+            raise ValueError("Pool: synthesis epochs start at 1")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def eligible(self, upto_epoch: int) -> Tensor:
+        """Indices (int64, ascending) of the images synthesised in epochs ≤ ``upto_epoch``."""
+        return torch.nonzero(self.epoch <= upto_epoch, as_tuple=False).flatten()
+
+    def append(self, x: Tensor, y: Tensor, epoch: int) -> Pool:
+        """A new pool with batch ``(x, y)`` of synthesis epoch ``epoch`` appended (self is unchanged)."""
+        x = x.detach().to(device=self.x.device, dtype=self.x.dtype)
+        if x.shape[1:] != self.x.shape[1:]:
+            raise ValueError(f"Pool.append: images of shape {tuple(x.shape[1:])}, the pool holds {tuple(self.x.shape[1:])}")
+        y = y.detach().to(device=self.y.device, dtype=self.y.dtype)
+        ep = torch.full((x.shape[0],), int(epoch), dtype=self.epoch.dtype, device=self.epoch.device)
+        return Pool(torch.cat([self.x, x]), torch.cat([self.y, y]), torch.cat([self.epoch, ep]))
+
+
+def split_holdout(pool: Pool, per_class: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """``(train_idx, holdout_idx)``, disjoint, ascending: ``per_class`` random images of each pool
+    label held out, capped at half of that class's images so every class keeps training images.
+    ``per_class = 0`` gives an empty holdout."""
+    n = len(pool)
+    if per_class < 0:
+        raise ValueError(f"split_holdout: per_class must be >= 0, got {per_class}")
+    held: list[Tensor] = []
+    if per_class > 0:
+        for c in torch.unique(pool.y).tolist():
+            idx = torch.nonzero(pool.y == c, as_tuple=False).flatten()
+            k = min(per_class, idx.numel() // 2)
+            if k:
+                held.append(idx[torch.randperm(idx.numel(), generator=generator)[:k]])
+    holdout = torch.sort(torch.cat(held)).values if held else torch.empty(0, dtype=torch.long)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[holdout] = True
+    return torch.nonzero(~mask, as_tuple=False).flatten(), holdout
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation (same semantics and random draws as ferd.fae.augment with its default reflect
+# padding; kept private here until deduplicated)
+
+
+def _augment_params(n: int, pad: int, flip: bool, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample crop offsets (rows, cols in [0, 2·pad]; one [2, n] draw) then flip flags (p = 1/2),
+    from the CPU generator; nothing is drawn for ``pad = 0`` / ``flip = False``."""
+    if pad > 0:
+        oy, ox = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
+    else:
+        oy = ox = torch.zeros(n, dtype=torch.long)
+    flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return oy, ox, flips
+
+
+def _apply_augment(x: Tensor, pad: int, params: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """Reflect-pad by ``pad`` (needs pad < H, W), crop back to the input size at the given offsets, flip where flagged."""
+    oy, ox, flips = (p.to(x.device) for p in params)
+    n, c, h, w = x.shape
+    if pad > 0:
+        if pad >= h or pad >= w:
+            raise ValueError(f"augment: reflect padding needs pad < image size, got pad {pad} for {h}x{w}")
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        b = torch.arange(n, device=x.device)[:, None, None, None]
+        ch = torch.arange(c, device=x.device)[None, :, None, None]
+        x = padded[b, ch, rows, cols]
+    if bool(flips.any()):
+        x = torch.where(flips[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def _augment(x: Tensor, pad: int, flip: bool, generator: torch.Generator | None) -> Tensor:
+    """Random shift by up to ``pad`` px (reflect-pad + random crop, per-sample offsets) and optional h-flip."""
+    return _apply_augment(x, pad, _augment_params(x.shape[0], pad, flip, generator))
+
+
+# --------------------------------------------------------------------------------------------
+# training loop
+
+
+@dataclass
+class DistillState:
+    """Everything needed to continue training after ``epoch`` student epochs (a snapshot; CPU copies).
+
+    ``epoch``: student epochs done (k; the global epoch is ``warmup + k``). ``rng``: the states of the
+    generators of the loop (``sample``, ``augment``, ``utae``). ``pool``: the pool as it is now (it
+    grows under the interleaved schedule). ``holdout_idx``: the fixed holdout indices into the pool.
+    """
+
+    student: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    epoch: int
+    rng: dict[str, Tensor]
+    log: list[dict[str, float]] = field(default_factory=list)
+    pool: Pool | None = None
+    holdout_idx: Tensor | None = None
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, x: Tensor, device: torch.device, batch_size: int = 256) -> Tensor:
+    return torch.cat([model(x[i:i + batch_size].to(device)).cpu() for i in range(0, x.shape[0], batch_size)])
+
+
+def train_student(
+    student: nn.Module,
+    teacher: nn.Module,
+    pool: Pool,
+    cfg: DistillConfig,
+    utae: UtaeConfig,
+    *,
+    total_epochs: int,
+    warmup: int,
+    eps: float,
+    seed: int,
+    device: torch.device | str,
+    cached_delta: Tensor | None = None,
+    synthesize: Callable[[int, nn.Module], tuple[Tensor, Tensor]] | None = None,
+    state: DistillState | None = None,
+    on_epoch_end: Callable[[DistillState], None] | None = None,
+    progress: Progress = no_progress,
+) -> DistillState:
+    """Distil ``teacher`` into ``student`` for student epochs k = 1..(total_epochs − warmup) (§3 C).
+
+    ``pool``: CPU pool; epoch k trains on its non-holdout images of synthesis epoch ≤ warmup + k.
+    ``synthesize(warmup + k, student)`` (interleaved schedule) returns that epoch's ``(x, y)``, which
+    is appended before epoch k. ``cached_delta`` (float [N,C,H,W], x_U − x_F against the teacher,
+    from ``gen-utae``) is required by ``cfg.utae_init == "cached"``: the UTAE then starts from the
+    cached perturbed image under the same augmentation and runs ``cfg.cached_steps`` steps.
+    ``state`` continues a run from a snapshot; ``on_epoch_end(state)`` receives a snapshot after
+    every epoch. ``progress("distill", step, total, info)`` after every step. The teacher is used
+    frozen in eval mode; the student is left in eval mode. Returns the final state.
+    """
+    device = torch.device(device)
+    if not 0 <= warmup < total_epochs:
+        raise FerdError(f"distill: need 0 <= warmup ({warmup}) < total epochs ({total_epochs})")
+    if len(pool) == 0:
+        raise FerdError("distill: the pool is empty; run synth-fae first")
+    cached = cfg.utae_init == "cached"
+    if cached:
+        if cached_delta is None:
+            raise FerdError("distill.utae_init is 'cached' but no UTAE perturbations were given; run gen-utae "
+                            "or set distill.utae_init: noise")
+        if synthesize is not None:
+            raise FerdError("distill.utae_init 'cached' needs gen-utae's perturbation for every pool image, but the "
+                            "interleaved schedule synthesises new images; use distill.utae_init: noise")
+        if cached_delta.shape != pool.x.shape:
+            raise FerdError(f"distill: cached UTAE perturbations have shape {tuple(cached_delta.shape)} but the pool "
+                            f"holds {tuple(pool.x.shape)}; rerun gen-utae on this pool")
+    student_epochs = total_epochs - warmup
+
+    student.to(device)
+    teacher.to(device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_epochs)
+    gens = {name: torch_generator(seed, f"distill/{name}") for name in ("sample", "augment", "utae")}
+
+    if state is None:
+        with warnings.catch_warnings():  # stepping before any optimizer.step() is intended here (§7 #6)
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
+            for _ in range(warmup):
+                scheduler.step()
+        _, holdout_idx = split_holdout(pool, cfg.holdout_per_class, torch_generator(seed, "distill/holdout"))
+        log: list[dict[str, float]] = []
+        start_k = 1
+    else:
+        student.load_state_dict(state.student)
+        optimizer.load_state_dict(_to_device(state.optimizer, device))
+        scheduler.load_state_dict(state.scheduler)
+        for name, g in gens.items():
+            g.set_state(state.rng[name])
+        if state.pool is not None:
+            pool = state.pool
+        holdout_idx = state.holdout_idx if state.holdout_idx is not None else torch.empty(0, dtype=torch.long)
+        log = [dict(row) for row in state.log]
+        start_k = state.epoch + 1
+
+    alpha = utae.step_size * eps
+    total_steps = student_epochs * cfg.steps
+    last = state
+    with frozen_eval(teacher):
+        hold_x = pool.x[holdout_idx]
+        hold_t = _logits(teacher, hold_x, device).argmax(dim=1) if holdout_idx.numel() else None
+        for k in range(start_k, student_epochs + 1):
+            epoch = warmup + k
+            if synthesize is not None:
+                student.eval()  # the generator phase sees the student in eval mode (§3 A)
+                xs, ys = synthesize(epoch, student)
+                pool = pool.append(xs.cpu(), ys.cpu(), epoch)
+            is_hold = torch.zeros(len(pool), dtype=torch.bool)
+            is_hold[holdout_idx] = True
+            idx = torch.nonzero((pool.epoch <= epoch) & ~is_hold, as_tuple=False).flatten()
+            if idx.numel() == 0:
+                raise FerdError(f"distill: epoch {epoch} has no training images (pool epochs <= {epoch}, holdout removed)")
+            lr = optimizer.param_groups[0]["lr"]
+            sums = {"loss": 0.0, "loss_clean": 0.0, "loss_adv": 0.0, "agree": 0.0, "agree_adv": 0.0}
+            seen = 0
+            for step in range(1, cfg.steps + 1):
+                b = idx[torch.randint(idx.numel(), (cfg.batch_size,), generator=gens["sample"])]
+                x_raw = pool.x[b]
+                aug = _augment_params(x_raw.shape[0], cfg.augment_pad, cfg.augment_flip, gens["augment"])
+                x_f = _apply_augment(x_raw, cfg.augment_pad, aug).to(device)
+                with torch.no_grad():
+                    t = teacher(x_f)
+                if cached:
+                    start = _apply_augment((x_raw + cached_delta[b].to(x_raw.dtype)).clamp(0.0, 1.0), cfg.augment_pad, aug)
+                    x_u = craft_utae(student, x_f, t, eps=eps, alpha=alpha, steps=cfg.cached_steps, gamma=utae.gamma,
+                                     init_noise=utae.init_noise, generator=gens["utae"], start=start.to(device))
+                else:
+                    x_u = craft_utae(student, x_f, t, eps=eps, alpha=alpha, steps=utae.steps, gamma=utae.gamma,
+                                     init_noise=utae.init_noise, generator=gens["utae"])
+                student.train()
+                s_clean = student(x_f)
+                s_adv = student(x_u)
+                loss, parts = student_loss(t, s_clean, s_adv, cfg)
+                if not bool(torch.isfinite(loss)):
+                    bad = next((n for n in ("loss_clean", "loss_adv") if not bool(torch.isfinite(parts[n]))), "loss")
+                    raise FerdError(f"distill: non-finite {bad} ({float(parts[bad])}) at epoch {epoch}, step {step}; "
+                                    "lower distill.lr or check the pool for NaN images")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    t_pred = t.argmax(dim=1)
+                    sums["agree"] += float((s_clean.argmax(dim=1) == t_pred).float().sum())
+                    sums["agree_adv"] += float((s_adv.argmax(dim=1) == t_pred).float().sum())
+                for name in ("loss", "loss_clean", "loss_adv"):
+                    sums[name] += float(parts[name])
+                seen += x_f.shape[0]
+                info = {"epoch": float(epoch), "loss": float(parts["loss"])}
+                progress("distill", (k - 1) * cfg.steps + step, total_steps, info)
+            scheduler.step()
+
+            student.eval()
+            if hold_t is not None:
+                clean_pred = run_attack(student, hold_x, hold_t, name="clean", eps=eps)
+                pgd_pred = run_attack(student, hold_x, hold_t, name="pgd", eps=eps, alpha=eps / 4,
+                                      steps=HOLDOUT_PGD_STEPS, generator=torch_generator(seed, "distill/holdout-pgd"))
+                hold_clean = float((clean_pred == hold_t).float().mean())
+                hold_pgd = float((pgd_pred == hold_t).float().mean())
+            else:
+                hold_clean = hold_pgd = math.nan
+            log.append({
+                "epoch": float(epoch),
+                "lr": float(lr),
+                "loss": sums["loss"] / cfg.steps,
+                "loss_clean": sums["loss_clean"] / cfg.steps,
+                "loss_adv": sums["loss_adv"] / cfg.steps,
+                "pool_size": float(idx.numel()),
+                "holdout_clean_acc": hold_clean,
+                "holdout_pgd_acc": hold_pgd,
+                "train_agreement": sums["agree"] / seen,
+                "train_agreement_adv": sums["agree_adv"] / seen,
+            })
+            last = DistillState(
+                student=_cpu_copy(student.state_dict()),
+                optimizer=_cpu_copy(optimizer.state_dict()),
+                scheduler=copy.deepcopy(scheduler.state_dict()),
+                epoch=k,
+                rng={name: g.get_state() for name, g in gens.items()},
+                log=[dict(row) for row in log],
+                pool=pool,
+                holdout_idx=holdout_idx.clone(),
+            )
+            if on_epoch_end is not None:
+                on_epoch_end(last)
+    student.eval()
+    assert last is not None  # at least one student epoch ran, or ``state`` had finished them all
+    return last

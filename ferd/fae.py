@@ -1,0 +1,357 @@
+"""FERD's generator phase: Fairness-Aware Examples (method reference §2.1, §2.3, §2.4).
+
+One call of :func:`synthesize_epoch` is one epoch of the generator phase (§2.1, §3 part A): a
+freshly initialised generator G and trainable latents z are optimised for ``N_G`` steps on
+
+    L_G = λ_bn·L_bn + λ_adv·L_adv + λ_oh·L_oh + λ_uni·L_uni                        (§2.3)
+
+* ``L_bn``  = Σ_BN-layers ‖μ_batch − μ_running‖₂ + ‖σ²_batch − σ²_running‖₂ (DeepInversion; biased
+  variance over N, H, W), measured by :class:`BNStatsLoss` hooks on the teacher's BatchNorm2d layers;
+* ``L_oh``  = CE(f^T(x), y) with the labels y ~ Categorical(p) of §2.2;
+* ``L_adv`` = −IKL(f^T(x), f^S(x)) (student frozen in eval mode; the generator *maximises* the
+  student-teacher discrepancy);
+* ``L_uni`` = KL(U ‖ softmax(f^T_{l+}(Z ⊙ (1 − M)))), the FAE term: Z = f^T_l(x), the robust-channel
+  mask M comes from the information-bottleneck channel-noise fit of Kim et al. 2021
+  (:func:`ib_fit`, :func:`robust_mask`, :func:`uniformity_loss`).
+
+The batch kept for the epoch is the *un-augmented* generator output of the step with the lowest
+L_G ("best_mem", §2.1); §2.4's pool appends it (the pool itself lives in the stage).
+
+The teacher (and the student) stay frozen in eval mode throughout (``attacks.frozen_eval``): BN
+uses and keeps its running statistics (hazard §7 #5); gradients reach x through the frozen nets.
+All randomness (generator weights, z, labels, augmentation offsets, IB noise) is drawn from the one
+CPU ``torch.Generator`` passed in, then moved to the device, so a seed reproduces an epoch.
+
+Project choices: augmentation is a random shift (pad + crop, reflect padding by default) and an
+optional horizontal flip (off for Fashion-MNIST); the IB channel variance ``v = Var_{h,w}(Z)`` is
+the biased (population) variance, floored at 1e-8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ferd.attacks import frozen_eval
+from ferd.config import FaeConfig
+from ferd.errors import FerdError
+from ferd.losses import ikl, uniform_kl
+from ferd.models import build_generator, reset_generator
+from ferd.runtime import Progress, no_progress
+
+__all__ = [
+    "BNStatsLoss",
+    "EpochSynthesis",
+    "augment",
+    "channel_variance",
+    "ib_fit",
+    "robust_mask",
+    "synthesize_epoch",
+    "uniformity_loss",
+]
+
+_VAR_FLOOR = 1e-8
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation
+
+
+def augment(
+    x: Tensor,
+    pad: int,
+    flip: bool,
+    generator: torch.Generator,
+    *,
+    padding: Literal["reflect", "zeros"] = "reflect",
+) -> Tensor:
+    """Random shift by up to ``pad`` pixels (pad, then crop back at a random offset) and optional flip.
+
+    Offsets (uniform in ``0..2*pad`` per sample and axis) and flips (p = 1/2 per sample) are drawn
+    from the CPU ``generator``. Differentiable with respect to ``x``. ``pad = 0`` and ``flip=False``
+    return ``x`` itself and draw nothing. Reflect padding needs ``pad < H, W``.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"augment: expected images [B, C, H, W], got {tuple(x.shape)}")
+    if pad < 0:
+        raise ValueError(f"augment: pad must be >= 0, got {pad}")
+    b, _, h, w = x.shape
+    out = x
+    if pad > 0:
+        if padding == "reflect":
+            if pad >= h or pad >= w:
+                raise ValueError(f"augment: reflect padding needs pad < image size, got pad {pad} for {h}x{w}")
+            xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        elif padding == "zeros":
+            xp = F.pad(x, (pad, pad, pad, pad))
+        else:
+            raise ValueError(f"augment: padding must be 'reflect' or 'zeros', got {padding!r}")
+        offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
+        rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # [B, H]
+        cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # [B, W]
+        batch = torch.arange(b, device=x.device)[:, None, None]
+        # advanced indices separated by a slice go first: [B, H, W, C]
+        out = xp[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if flip:
+        do_flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        out = torch.where(do_flip[:, None, None, None], out.flip(3), out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# L_bn: BatchNorm statistics matching (DeepInversion)
+
+
+class BNStatsLoss:
+    """Forward hooks on every ``BatchNorm2d`` of ``model`` that measure L_bn.
+
+    While :attr:`enabled`, each hooked BN layer records
+    ``‖mean_{N,H,W}(input) − running_mean‖₂ + ‖var_{N,H,W}(input, biased) − running_var‖₂``;
+    :meth:`collect` returns the sum over the recorded layers and clears the record. Layers without
+    running statistics are skipped. Use as a context manager (hooks removed on exit) or call
+    :meth:`remove`.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.enabled = True
+        self._terms: list[Tensor] = []
+        self._handles = [
+            m.register_forward_hook(self._hook)
+            for m in model.modules()
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None
+        ]
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if not self.enabled:
+            return
+        a = inputs[0]
+        mean = a.mean(dim=(0, 2, 3))
+        var = a.var(dim=(0, 2, 3), unbiased=False)
+        self._terms.append(
+            torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var)
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._handles)
+
+    def collect(self) -> Tensor | None:
+        """Σ of the terms recorded since the last call (``None`` if nothing was recorded); clears them."""
+        terms, self._terms = self._terms, []
+        if not terms:
+            return None
+        return torch.stack(terms).sum()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._terms = []
+
+    def __enter__(self) -> BNStatsLoss:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# the FAE term: IB channel noise (Kim et al. 2021), robust mask, uniformity loss
+
+
+def channel_variance(z: Tensor) -> Tensor:
+    """v = Var_{h,w}(Z) per sample and channel, ``[B, Ch]`` (biased variance, floored at 1e-8)."""
+    return z.detach().float().var(dim=(2, 3), unbiased=False).clamp_min(_VAR_FLOOR)
+
+
+def ib_fit(
+    teacher: nn.Module,
+    z: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    lr: float,
+    beta: float,
+    generator: torch.Generator,
+) -> Tensor:
+    """Fit the per-sample, per-channel noise scale σ = softplus(λ_r) on Z = f_l(x) (§2.3).
+
+    λ_r starts at 0 and is optimised with Adam(lr) for ``steps`` steps on
+    ``CE(f_{l+}(Z + σ ⊙ ε), y) + β · mean_{b,c} ½(v/σ² + log(σ²/v) − 1)``, ε ~ N(0, I) drawn from the
+    CPU ``generator`` each step, v = Var_{h,w}(Z). ``z`` is detached; the teacher is frozen in eval
+    mode here. Returns σ, detached, ``[B, Ch, 1, 1]``.
+    """
+    if z.ndim != 4:
+        raise ValueError(f"ib_fit: expected features [B, Ch, h, w], got {tuple(z.shape)}")
+    z = z.detach()
+    y = y.to(device=z.device, dtype=torch.long)
+    v = channel_variance(z)[:, :, None, None]
+    lam = torch.zeros(z.shape[0], z.shape[1], 1, 1, device=z.device, dtype=z.dtype, requires_grad=True)
+    opt = torch.optim.Adam([lam], lr=lr)
+    with frozen_eval(teacher), torch.enable_grad():
+        for _ in range(steps):
+            eps = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+            sigma = F.softplus(lam)
+            logits = teacher.forward_head(z + sigma * eps)
+            var_n = sigma.pow(2)
+            kl = 0.5 * (v / var_n + torch.log(var_n / v) - 1.0)
+            loss = F.cross_entropy(logits, y) + beta * kl.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return F.softplus(lam).detach()
+
+
+def robust_mask(sigma: Tensor, z: Tensor, threshold: Literal["global", "per-sample"] = "global") -> Tensor:
+    """M = 1[σ² > max v], ``[B, Ch, 1, 1]`` float; the max over the whole batch and all channels
+    (``global``, the reference code) or over each sample's channels (``per-sample``)."""
+    v = channel_variance(z)
+    if threshold == "global":
+        limit = v.max()
+    elif threshold == "per-sample":
+        limit = v.amax(dim=1)[:, None, None, None]
+    else:
+        raise ValueError(f"robust_mask: threshold must be 'global' or 'per-sample', got {threshold!r}")
+    s2 = sigma.detach().reshape(z.shape[0], z.shape[1], 1, 1).pow(2)
+    return (s2 > limit).to(z.dtype)
+
+
+def uniformity_loss(teacher: nn.Module, z: Tensor, mask: Tensor) -> Tensor:
+    """L_uni = KL(U ‖ softmax(f_{l+}(Z ⊙ (1 − M)))), batch mean; gradients flow through Z only."""
+    return uniform_kl(teacher.forward_head(z * (1.0 - mask.detach())))
+
+
+# --------------------------------------------------------------------------------------------
+# one epoch of the generator phase
+
+
+@dataclass
+class EpochSynthesis:
+    """The batch kept for one epoch (best_mem) and the generator-loss log of its step.
+
+    ``x``: float32 ``[B, C, H, W]`` in [0, 1] (un-augmented, CPU); ``y``: int64 ``[B]``.
+    ``log``: ``step`` (index of the kept step), ``total``, ``bn``, ``adv``, ``oh``, ``uni`` (loss terms
+    of that step, unweighted; a skipped term is 0), ``teacher_acc`` (teacher's clean accuracy on the
+    kept ``x`` w.r.t. ``y``), ``robust_channels`` (fraction of (sample, channel) pairs marked robust
+    at the kept step; 0 when the IB fit is off).
+    """
+
+    x: Tensor
+    y: Tensor
+    log: dict[str, float] = field(default_factory=dict)
+
+
+_TERMS = ("bn", "adv", "oh", "uni")
+
+
+def synthesize_epoch(
+    teacher: nn.Module,
+    student: nn.Module | None,
+    p: Tensor,
+    cfg: FaeConfig,
+    *,
+    image_shape: tuple[int, int, int],
+    generator: torch.Generator,
+    device: str | torch.device,
+    labels: Tensor | None = None,
+    progress: Progress = no_progress,
+    epoch: int = 0,
+) -> EpochSynthesis:
+    """Run one epoch of FERD's generator phase (§2.1, §2.3) and return the kept batch.
+
+    ``p`` is the class-sampling distribution (``[C]``): the labels are
+    ``multinomial(p, B, replacement=True).sort()`` unless ``labels`` is given, in which case they are
+    used as given (in their order) and set the batch size. ``student`` may be ``None`` (the L_adv
+    term is then skipped, as it is when ``lambda_adv == 0``); ``lambda_uni == 0`` skips the IB fit.
+    Raises ``FerdError`` when a loss term is not finite.
+    """
+    channels, height, width = image_shape
+    if height != width:
+        raise ValueError(f"synthesize_epoch: the generator makes square images, got {height}x{width}")
+    device = torch.device(device)
+    teacher = teacher.to(device)
+    if student is not None:
+        student = student.to(device)
+
+    gen = build_generator(nz=cfg.nz, ngf=cfg.ngf, image_size=height, channels=channels)
+    reset_generator(gen, generator)
+    gen = gen.to(device).train()
+    z = torch.randn(cfg.batch_size if labels is None else labels.numel(), cfg.nz, generator=generator)
+    z = z.to(device).requires_grad_(True)
+    if labels is None:
+        probs = torch.as_tensor(p, dtype=torch.float64).cpu()
+        y = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=generator).sort().values
+    else:
+        y = torch.as_tensor(labels).to(dtype=torch.long).cpu()
+        if y.ndim != 1 or y.numel() == 0:
+            raise ValueError(f"synthesize_epoch: labels must be a non-empty 1-D tensor, got shape {tuple(y.shape)}")
+    y_dev = y.to(device)
+    opt = torch.optim.Adam(
+        [{"params": gen.parameters(), "lr": cfg.lr_g}, {"params": [z], "lr": cfg.lr_z}], betas=(0.5, 0.999)
+    )
+    use_adv = student is not None and cfg.lambda_adv > 0
+    use_uni = cfg.lambda_uni > 0
+    weights = {"bn": cfg.lambda_bn, "adv": cfg.lambda_adv, "oh": cfg.lambda_oh, "uni": cfg.lambda_uni}
+    task = f"synthesis epoch {epoch}"
+
+    best_loss = math.inf
+    best_x: Tensor | None = None
+    best_log: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(frozen_eval(teacher))
+        if student is not None:
+            stack.enter_context(frozen_eval(student))
+        bn_loss = stack.enter_context(BNStatsLoss(teacher))
+        stack.enter_context(torch.enable_grad())
+        for step in range(cfg.steps):
+            x = gen(z)
+            xa = augment(x, cfg.augment_pad, cfg.augment_flip, generator)
+            bn_loss.enabled = True
+            bn_loss.collect()  # drop anything recorded outside this step
+            feats = teacher.forward_features(xa)
+            t = teacher.forward_head(feats)
+            bn_loss.enabled = False
+            l_bn = bn_loss.collect()
+            zero = t.new_zeros(())
+            terms = {"bn": zero if l_bn is None else l_bn, "adv": zero, "oh": F.cross_entropy(t, y_dev), "uni": zero}
+            if use_adv:
+                terms["adv"] = -ikl(t, student(xa))
+            robust_frac = 0.0
+            if use_uni:
+                sigma = ib_fit(teacher, feats, y_dev, steps=cfg.ib_steps, lr=cfg.ib_lr, beta=cfg.ib_beta, generator=generator)
+                mask = robust_mask(sigma, feats, cfg.ib_threshold)
+                robust_frac = float(mask.mean())
+                terms["uni"] = uniformity_loss(teacher, feats, mask)
+            values = {name: float(terms[name].detach()) for name in _TERMS}
+            bad = [name for name in _TERMS if not math.isfinite(values[name])]
+            if bad:
+                shown = ", ".join(f"L_{name} = {values[name]}" for name in bad)
+                raise FerdError(
+                    f"synthesis epoch {epoch}, step {step}: non-finite generator loss term ({shown}); "
+                    "check the teacher checkpoint (NaN/inf weights or BN statistics) and lower fae.lr_g / fae.lr_z"
+                )
+            loss = sum(weights[name] * terms[name] for name in _TERMS)
+            total = float(loss.detach())
+            if not math.isfinite(total):
+                raise FerdError(f"synthesis epoch {epoch}, step {step}: the total generator loss is not finite ({total})")
+            if total < best_loss:
+                best_loss = total
+                best_x = x.detach().float().cpu().clone()
+                best_log = {"step": float(step), "total": total, **values, "robust_channels": robust_frac}
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step_acc = float((t.detach().argmax(dim=1) == y_dev).float().mean())
+            progress(task, step + 1, cfg.steps, {"loss": total, "teacher_acc": step_acc})
+
+        assert best_x is not None  # cfg.steps >= 1
+        with torch.no_grad():
+            pred = teacher(best_x.to(device)).argmax(dim=1).cpu()
+    best_log["teacher_acc"] = float((pred == y).float().mean())
+    return EpochSynthesis(x=best_x.clamp_(0.0, 1.0), y=y, log=best_log)

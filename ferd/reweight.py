@@ -1,0 +1,54 @@
+"""Class proportions p from per-class fragility D (method reference §2.2; project choice §9 #1).
+
+* ``softmax`` (the paper, project default): p = softmax(D / τ), τ = 1 by default;
+* ``minmax`` (the reference code): p̃_c = min_p + (max_p − min_p)·(D_c − min D)/(max D − min D + 1e-8),
+  p = p̃ / Σ p̃ (the code's bounds are 0.05 and 0.20);
+* ``uniform`` (ablation): p = 1/C.
+
+:func:`smooth_fragility` is the project option ``reweight.momentum``: a running average of D across
+epochs, D ← m·D_prev + (1 − m)·D_cur, which damps the generator noise in a single epoch's D.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ferd.config import ReweightConfig
+
+__all__ = ["class_proportions", "smooth_fragility"]
+
+
+def _as_fragility(D: Tensor) -> Tensor:
+    d = torch.as_tensor(D).detach().to(torch.float64).cpu()
+    if d.ndim != 1 or d.numel() == 0:
+        raise ValueError(f"fragility D must be a non-empty 1-D tensor, got shape {tuple(d.shape)}")
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError(f"fragility D must be finite, got {d.tolist()}")
+    return d
+
+
+def class_proportions(D: Tensor, cfg: ReweightConfig) -> Tensor:
+    """The class-sampling distribution p (float64 ``[C]``, sums to 1); more fragile classes weigh more."""
+    d = _as_fragility(D)
+    if cfg.method == "softmax":
+        return torch.softmax(d / cfg.tau, dim=0)
+    if cfg.method == "minmax":
+        scaled = cfg.min_p + (cfg.max_p - cfg.min_p) * (d - d.min()) / (d.max() - d.min() + 1e-8)
+        return scaled / scaled.sum()
+    if cfg.method == "uniform":
+        return torch.full_like(d, 1.0 / d.numel())
+    raise ValueError(f"unknown reweighting method {cfg.method!r}; expected softmax, minmax or uniform")
+
+
+def smooth_fragility(previous: Tensor | None, current: Tensor, momentum: float) -> Tensor:
+    """D ← m·D_prev + (1 − m)·D_cur (float64); ``current`` alone when ``previous`` is None or m = 0."""
+    cur = _as_fragility(current)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if previous is None or momentum == 0.0:
+        return cur.clone()
+    prev = _as_fragility(previous)
+    if prev.shape != cur.shape:
+        raise ValueError(f"previous and current fragility differ in length ({prev.numel()} vs {cur.numel()})")
+    return momentum * prev + (1.0 - momentum) * cur

@@ -1,0 +1,305 @@
+"""Robust distillation (§2.6, §2.7, §3 C): loss, pool, holdout, the training loop and its schedules."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+import ferd.distill as distill
+from ferd.config import DistillConfig, UtaeConfig
+from ferd.distill import (
+    LOG_COLUMNS,
+    Pool,
+    _apply_augment,
+    _augment,
+    _augment_params,
+    split_holdout,
+    student_loss,
+    train_student,
+)
+from ferd.errors import FerdError
+from ferd.losses import ikl, kl_div
+from ferd.models import build_model
+
+EPS = 0.1
+CFG = DistillConfig(steps=3, batch_size=16, holdout_per_class=1, augment_pad=2, lr=0.05)
+UTAE = UtaeConfig(steps=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _net(seed: int, width: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("cnn", width=width, num_classes=4, in_channels=1, image_size=16)
+
+
+def _teacher() -> nn.Module:
+    return _net(100, width=8).eval()
+
+
+def _pool(epochs: int = 3, per_epoch: int = 16, seed: int = 0) -> Pool:
+    g = torch.Generator().manual_seed(seed)
+    n = epochs * per_epoch
+    return Pool(
+        x=torch.rand(n, 1, 16, 16, generator=g),
+        y=torch.arange(n) % 4,
+        epoch=torch.arange(n) // per_epoch + 1,
+    )
+
+
+def _train(pool=None, cfg=CFG, utae=UTAE, seed=0, student=None, teacher=None, **kw):
+    student = student if student is not None else _net(1)
+    teacher = teacher if teacher is not None else _teacher()
+    kw.setdefault("total_epochs", 3)
+    kw.setdefault("warmup", 1)
+    state = train_student(student, teacher, pool if pool is not None else _pool(), cfg, utae,
+                          eps=EPS, seed=seed, device="cpu", **kw)
+    return student, teacher, state
+
+
+# --------------------------------------------------------------------------------------------
+# loss
+
+
+def test_student_loss_kl_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    t, s, a = (torch.randn(5, 4, generator=g) for _ in range(3))
+    loss, parts = student_loss(t, s, a, DistillConfig())
+    p = torch.softmax(t, 1)
+    hand_clean = (p * (torch.log_softmax(t, 1) - torch.log_softmax(s, 1))).sum(1).mean()
+    hand_adv = (p * (torch.log_softmax(t, 1) - torch.log_softmax(a, 1))).sum(1).mean()
+    assert torch.allclose(parts["loss_clean"], hand_clean, atol=1e-6)
+    assert torch.allclose(parts["loss_adv"], hand_adv, atol=1e-6)
+    assert torch.allclose(loss, 5 / 6 * hand_clean + 1 / 6 * hand_adv, atol=1e-6)
+    assert torch.allclose(parts["loss"], loss.detach())
+    weighted, _ = student_loss(t, s, a, DistillConfig(lambda_clean=2.0, lambda_adv=0.5))
+    assert torch.allclose(weighted, 2.0 * kl_div(t, s) + 0.5 * kl_div(t, a), atol=1e-6)
+
+
+def test_student_loss_ikl_and_zero_at_teacher():
+    g = torch.Generator().manual_seed(1)
+    t, s, a = (torch.randn(5, 4, generator=g) for _ in range(3))
+    kl_loss, _ = student_loss(t, s, a, DistillConfig())
+    ikl_loss, parts = student_loss(t, s, a, DistillConfig(loss="ikl", ikl_temperature=50.0))
+    assert torch.isfinite(ikl_loss) and not torch.allclose(ikl_loss, kl_loss)
+    assert torch.allclose(parts["loss_clean"], ikl(t, s, 50.0))
+    zero, zparts = student_loss(t, t.clone(), t.clone(), DistillConfig())
+    assert abs(float(zero)) < 1e-6 and abs(float(zparts["loss_adv"])) < 1e-6
+    # the gradient flows to the student logits only
+    s = s.clone().requires_grad_(True)
+    loss, _ = student_loss(t.requires_grad_(True), s, a, DistillConfig())
+    loss.backward()
+    assert s.grad is not None and t.grad is None
+
+
+# --------------------------------------------------------------------------------------------
+# pool, holdout, augmentation
+
+
+def test_pool_eligible_and_append():
+    pool = _pool(3, 4)
+    assert pool.eligible(0).numel() == 0
+    assert pool.eligible(1).tolist() == [0, 1, 2, 3]
+    assert pool.eligible(2).tolist() == list(range(8))
+    assert pool.eligible(99).numel() == 12
+    bigger = pool.append(torch.zeros(2, 1, 16, 16), torch.tensor([3, 1]), 4)
+    assert len(pool) == 12 and len(bigger) == 14  # append returns a new pool
+    assert bigger.epoch[-2:].tolist() == [4, 4] and bigger.y[-2:].tolist() == [3, 1]
+    assert bigger.eligible(3).numel() == 12 and bigger.eligible(4).numel() == 14
+    with pytest.raises(ValueError):
+        pool.append(torch.zeros(2, 3, 16, 16), torch.tensor([0, 1]), 4)
+    with pytest.raises(ValueError):
+        Pool(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+
+
+def test_split_holdout_balanced_disjoint_deterministic():
+    pool = _pool(3, 16)  # 12 images per class
+    train, hold = split_holdout(pool, 2, torch.Generator().manual_seed(0))
+    assert torch.bincount(pool.y[hold], minlength=4).tolist() == [2, 2, 2, 2]
+    assert set(train.tolist()).isdisjoint(hold.tolist())
+    assert sorted(train.tolist() + hold.tolist()) == list(range(len(pool)))
+    train2, hold2 = split_holdout(pool, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(hold, hold2) and torch.equal(train, train2)
+    _, hold3 = split_holdout(pool, 2, torch.Generator().manual_seed(1))
+    assert not torch.equal(hold, hold3)
+    train0, hold0 = split_holdout(pool, 0, torch.Generator().manual_seed(0))
+    assert hold0.numel() == 0 and train0.tolist() == list(range(len(pool)))
+    _, capped = split_holdout(pool, 100, torch.Generator().manual_seed(0))  # never more than half a class
+    assert torch.bincount(pool.y[capped], minlength=4).tolist() == [6, 6, 6, 6]
+
+
+def test_augment_shift_and_flip():
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_augment(x, 0, False, torch.Generator()), x)
+    params = _augment_params(6, 2, True, torch.Generator().manual_seed(0))
+    out = _apply_augment(x, 2, params)
+    oy, ox, flips = params
+    for i in range(6):
+        ref = torch.nn.functional.pad(x[i:i + 1], (2, 2, 2, 2), mode="reflect")[0, :, oy[i]:oy[i] + 8, ox[i]:ox[i] + 8]
+        ref = ref.flip(2) if flips[i] else ref
+        assert torch.equal(out[i], ref)
+    assert torch.equal(_augment(x, 2, True, torch.Generator().manual_seed(0)), out)
+
+
+# --------------------------------------------------------------------------------------------
+# the training loop
+
+
+class _Recorder(nn.Module):
+    """A teacher wrapper that records, per call, whether any input pixel exceeds 0.6."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(bool((x > 0.6).any()))
+        return self.inner(x)
+
+
+def test_staged_pool_grows_with_epochs_and_lr_schedule():
+    pool = _pool(3, 16)
+    pool.x[:32] *= 0.5  # epochs 1-2 in [0, 0.5]; epoch 3 is bright: any pixel > 0.6 comes from it
+    pool.x[32:] = 0.9
+    teacher = _Recorder(_teacher())
+    per_epoch = []
+    cfg = replace(CFG, holdout_per_class=0)
+    _, _, state = _train(pool, cfg=cfg, teacher=teacher, total_epochs=4, warmup=1,
+                         on_epoch_end=lambda s: per_epoch.append(list(teacher.calls)))
+    # student epochs 1, 2 (global 2, 3) see epochs <= 2 only; student epoch 3 (global 4) sees everything
+    assert [row["epoch"] for row in state.log] == [2.0, 3.0, 4.0]
+    assert [row["pool_size"] for row in state.log] == [32.0, 48.0, 48.0]
+    assert not any(per_epoch[0]) and len(per_epoch[0]) == cfg.steps
+    assert any(per_epoch[1][cfg.steps:])
+    # cosine schedule stepped during the warm-up: the student starts at the lr after `warmup` steps
+    lrs = [row["lr"] for row in state.log]
+    for k, lr in enumerate(lrs, start=1):
+        assert lr == pytest.approx(cfg.lr * (1 + math.cos(math.pi * k / 4)) / 2, rel=1e-6)
+
+
+def test_train_student_deterministic_teacher_frozen_and_log_complete():
+    teacher = _teacher()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student, teacher, state = _train(teacher=teacher)
+    assert not teacher.training and all(p.requires_grad for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():  # parameters and BN buffers bit-identical
+        assert torch.equal(v, before[k]), k
+    assert not student.training
+    assert state.epoch == 2 and len(state.log) == 2
+    for row in state.log:
+        assert tuple(row) == LOG_COLUMNS
+        assert all(isinstance(v, float) and math.isfinite(v) for v in row.values())
+        assert 0.0 <= row["holdout_pgd_acc"] <= row["holdout_clean_acc"] + 0.5 and row["holdout_clean_acc"] <= 1.0
+        assert 0.0 <= row["train_agreement"] <= 1.0
+    assert state.holdout_idx.numel() == 4
+    for k, v in student.state_dict().items():
+        assert torch.equal(state.student[k], v)
+    student2, _, state2 = _train()
+    for k, v in student.state_dict().items():
+        assert torch.equal(student2.state_dict()[k], v), k
+    assert state2.log == state.log
+    student3, _, _ = _train(seed=1)
+    assert any(not torch.equal(student3.state_dict()[k], v) for k, v in student.state_dict().items())
+
+
+def test_resume_from_a_snapshot_gives_the_same_student():
+    snaps = []
+    full, _, final = _train(on_epoch_end=snaps.append)
+    assert [s.epoch for s in snaps] == [1, 2]
+    resumed_student = _net(7)  # any initial weights: the state overrides them
+    resumed, _, state = _train(student=resumed_student, state=snaps[0])
+    for k, v in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    assert state.log == final.log
+
+
+def test_interleaved_synthesize_called_each_epoch_and_pool_grows():
+    pool = _pool(1, 16)  # the warm-up pool only
+    calls = []
+    student = _net(1)
+
+    def synthesize(epoch, model):
+        calls.append((epoch, model is student, model.training))
+        g = torch.Generator().manual_seed(epoch)
+        return torch.rand(8, 1, 16, 16, generator=g), torch.arange(8) % 4
+
+    _, _, state = _train(pool, cfg=replace(CFG, schedule="interleaved", holdout_per_class=1), student=student,
+                         synthesize=synthesize, total_epochs=4, warmup=1)
+    assert calls == [(2, True, False), (3, True, False), (4, True, False)]
+    assert len(state.pool) == 16 + 3 * 8
+    assert state.pool.epoch.tolist() == [1] * 16 + [2] * 8 + [3] * 8 + [4] * 8
+    assert [row["pool_size"] for row in state.log] == [24.0 - 4, 32.0 - 4, 40.0 - 4]  # holdout: 1 per class
+
+
+def test_cached_init_starts_from_the_cached_perturbation(monkeypatch):
+    pool = _pool(2, 16)
+    pool.x.mul_(0.6).add_(0.2)  # in [0.2, 0.8]: x + delta needs no clamping
+    delta = torch.full_like(pool.x, EPS / 2)
+    seen = []
+    real = distill.craft_utae
+
+    def spy(model, x_f, target, **kw):
+        out = real(model, x_f, target, **kw)
+        seen.append((x_f, kw["start"], kw["steps"], out))
+        return out
+
+    monkeypatch.setattr(distill, "craft_utae", spy)
+    cfg = replace(CFG, utae_init="cached", cached_steps=2, augment_pad=2)
+    _train(pool, cfg=cfg, cached_delta=delta, total_epochs=2, warmup=1)
+    assert len(seen) == cfg.steps
+    for x_f, start, steps, x_u in seen:
+        assert steps == 2
+        diff = start - x_f  # the same shift for x and x + delta gives exactly delta (other shifts: |x_i - x_j|)
+        assert (diff - EPS / 2).abs().max() < 1e-6
+        assert (x_u - x_f).abs().max() <= EPS + 1e-6 and x_u.min() >= 0 and x_u.max() <= 1
+    with pytest.raises(FerdError, match="cached"):
+        _train(pool, cfg=cfg, total_epochs=2, warmup=1)
+    with pytest.raises(FerdError, match="shape"):
+        _train(pool, cfg=cfg, cached_delta=delta[:3], total_epochs=2, warmup=1)
+
+
+def test_non_finite_loss_names_epoch_step_and_term():
+    pool = _pool(2, 16)
+    pool.x[:] = float("nan")
+    with pytest.raises(FerdError, match=r"non-finite loss_clean .* epoch 2, step 1"):
+        _train(pool, cfg=replace(CFG, holdout_per_class=0), total_epochs=2, warmup=1)
+
+
+class _Sharpen(nn.Module):
+    """A random teacher with 10x logits: confident, varied predictions the student can learn."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 10.0 * self.inner(x)
+
+
+def test_student_learns_the_teacher():
+    pool = _pool(2, 32, seed=3)
+    cfg = replace(CFG, steps=8, batch_size=32, lr=0.05, holdout_per_class=0, augment_pad=0)
+    _, _, state = _train(pool, cfg=cfg, teacher=_Sharpen(_teacher()), utae=UtaeConfig(steps=1), total_epochs=4, warmup=0)
+    first, last = state.log[0], state.log[-1]
+    assert last["loss"] < 0.5 * first["loss"], state.log  # measured: about 0.15x
+    assert last["train_agreement"] >= first["train_agreement"] + 0.15, state.log  # measured: 0.48 -> 0.82..0.88
+
+
+def test_augment_matches_the_fae_helper_when_present():
+    fae = pytest.importorskip("ferd.fae")
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for pad, flip in ((2, True), (1, False), (0, True)):
+        ours = _augment(x, pad, flip, torch.Generator().manual_seed(4))
+        theirs = fae.augment(x, pad, flip, torch.Generator().manual_seed(4))
+        assert torch.equal(ours, theirs), (pad, flip)

@@ -1,0 +1,299 @@
+"""FAE synthesis (§2.1, §2.3): augmentation, L_bn hooks, IB fit and robust mask, uniformity loss,
+one generator epoch (shapes, labels, determinism, frozen teacher, NaN detection)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ferd.config import FaeConfig
+from ferd.errors import FerdError
+from ferd.fae import (
+    BNStatsLoss,
+    EpochSynthesis,
+    augment,
+    channel_variance,
+    ib_fit,
+    robust_mask,
+    synthesize_epoch,
+    uniformity_loss,
+)
+from ferd.models import build_model
+
+C = 4
+SHAPE = (1, 16, 16)
+LOG_KEYS = {"step", "total", "bn", "adv", "oh", "uni", "teacher_acc", "robust_channels"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_cnn(seed: int, width: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("cnn", width=width, num_classes=C, in_channels=1, image_size=16)
+    # non-trivial BN statistics, as in a trained teacher
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(7)
+    return model
+
+
+def tiny_cfg(**kw) -> FaeConfig:
+    base = dict(batch_size=8, steps=3, nz=16, ngf=8, ib_steps=2, augment_pad=2)
+    base.update(kw)
+    return FaeConfig(**base)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# augment
+
+
+def test_augment_shift_flip_deterministic_and_differentiable():
+    x = torch.rand(6, 2, 8, 8, requires_grad=True)
+    a1 = augment(x, 2, True, torch.Generator().manual_seed(1))
+    a2 = augment(x, 2, True, torch.Generator().manual_seed(1))
+    assert a1.shape == x.shape
+    assert torch.equal(a1, a2)
+    a1.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert augment(x, 0, False, torch.Generator()) is x
+
+
+def test_augment_is_a_shift():
+    # zero padding: every output is x shifted by (dy, dx) in [-pad, pad] (and maybe flipped)
+    x = torch.rand(16, 1, 8, 8)
+    out = augment(x, 1, False, torch.Generator().manual_seed(0), padding="zeros")
+    xp = F.pad(x, (1, 1, 1, 1))
+    offsets = set()
+    for b in range(x.shape[0]):
+        found = [(r, c) for r in range(3) for c in range(3) if torch.equal(out[b], xp[b, :, r:r + 8, c:c + 8])]
+        assert found
+        offsets.add(found[0])
+    assert len(offsets) > 1  # per-sample offsets
+
+
+# --------------------------------------------------------------------------------------------
+# L_bn
+
+
+def test_bn_stats_loss_value_and_hooks_removed():
+    model = tiny_cnn(0)
+    model.eval()
+    x = torch.rand(5, *SHAPE)
+    inputs = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, name=n: inputs.__setitem__(name, i[0]))
+               for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    before = hook_count(model)
+    with BNStatsLoss(model) as bn:
+        assert bn.num_layers == 4
+        assert hook_count(model) == before + 4
+        model(x)
+        value = bn.collect()
+        bn.enabled = False
+        model(x)
+        assert bn.collect() is None
+    for h in handles:
+        h.remove()
+    assert hook_count(model) == 0
+    expected = 0.0
+    for name, a in inputs.items():
+        m = dict(model.named_modules())[name]
+        expected += (a.mean(dim=(0, 2, 3)) - m.running_mean).norm()
+        expected += (a.var(dim=(0, 2, 3), unbiased=False) - m.running_var).norm()
+    assert value is not None
+    torch.testing.assert_close(value, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# IB fit, robust mask, uniformity loss
+
+
+class StubHead(nn.Module):
+    """A 'teacher' whose head reads only the first ``k`` channels through a saturating non-linearity.
+
+    Class 0 has those channels near +1, class 1 near -1; noise on them pushes tanh out of saturation
+    and hurts the prediction consistently, so the IB fit shrinks their noise. The other channels are
+    ignored: their noise scale gets no gradient from CE at all.
+    """
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward_head(self, z: torch.Tensor) -> torch.Tensor:
+        s = torch.tanh(2.0 * z[:, : self.k]).mean(dim=(1, 2, 3))
+        return torch.stack([2.0 * s, -2.0 * s], dim=1)
+
+
+def informative_features(b: int = 32, ch: int = 6, k: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(b) % 2
+    z = 0.3 * torch.randn(b, ch, 8, 8, generator=g)  # within-map std 0.3 everywhere: v ~ 0.09
+    z[:, :k] += (1.0 - 2.0 * y.float())[:, None, None, None]
+    return z, y
+
+
+def test_ib_fit_marks_ignored_channels_robust():
+    k = 2
+    z, y = informative_features(k=k)
+    head = StubHead(k)
+    sigma = ib_fit(head, z, y, steps=40, lr=0.1, beta=0.0, generator=torch.Generator().manual_seed(0))
+    assert sigma.shape == (32, 6, 1, 1) and not sigma.requires_grad
+    v_max = channel_variance(z).max()
+    assert v_max < 0.3  # the design: the initial noise softplus(0)^2 = 0.48 is above every v
+    s2 = sigma.squeeze().pow(2)
+    # ignored channels: no gradient at all, sigma stays at softplus(0), far above max v
+    torch.testing.assert_close(sigma[:, k:], torch.full_like(sigma[:, k:], F.softplus(torch.tensor(0.0)).item()))
+    # informative channels: the noise is squeezed well below max v
+    assert (s2[:, :k] < v_max).float().mean() >= 0.95
+    assert s2[:, :k].median() < 0.5 * v_max
+    mask = robust_mask(sigma, z, "global").squeeze()
+    assert mask[:, k:].all() and mask[:, :k].float().mean() <= 0.05
+    # deterministic for a seed
+    again = ib_fit(head, z, y, steps=40, lr=0.1, beta=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sigma, again)
+
+
+def test_ib_fit_kl_term_pulls_noise_to_feature_variance():
+    # no CE signal (the head ignores Z): the Gaussian KL alone drives sigma^2 towards v
+    z, y = informative_features(b=8, ch=3)
+    z = z * 2.0  # v ~ 0.36 (channels 0-1: larger); sigma0^2 = 0.48
+    head = StubHead(0)
+    sigma = ib_fit(head, z, y, steps=300, lr=0.05, beta=0.3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sigma.squeeze().pow(2), channel_variance(z), rtol=0.05, atol=1e-3)
+
+
+def test_robust_mask_global_and_per_sample():
+    # sample 0: v = (1, 4); sample 1: v = (0.25, 0.01)
+    z = torch.zeros(2, 2, 2, 2)
+    for (b, c), std in {(0, 0): 1.0, (0, 1): 2.0, (1, 0): 0.5, (1, 1): 0.1}.items():
+        z[b, c] = torch.tensor([[std, -std], [-std, std]])
+    torch.testing.assert_close(channel_variance(z), torch.tensor([[1.0, 4.0], [0.25, 0.01]]))
+    sigma = torch.tensor([[3.0, 1.0], [0.6, 2.5]]).sqrt()[:, :, None, None]  # sigma^2 = (3, 1), (0.6, 2.5)
+    glob = robust_mask(sigma, z, "global").squeeze()  # threshold 4
+    assert torch.equal(glob, torch.zeros(2, 2))
+    per = robust_mask(sigma, z, "per-sample").squeeze()  # thresholds 4 and 0.25
+    assert torch.equal(per, torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    sigma_big = torch.full((2, 2, 1, 1), 2.01)
+    assert robust_mask(sigma_big, z, "global").all()
+    with pytest.raises(ValueError):
+        robust_mask(sigma, z, "nope")  # type: ignore[arg-type]
+
+
+def test_uniformity_loss_zero_for_uniform_head_positive_otherwise():
+    model = tiny_cnn(1)
+    model.eval()
+    x = torch.rand(4, *SHAPE)
+    z = model.forward_features(x).detach().requires_grad_(True)
+    mask = torch.zeros(4, z.shape[1], 1, 1)
+    loss = uniformity_loss(model, z, mask)
+    assert loss.item() > 0
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    # masking every channel makes the head see zeros: output = bias only
+    with torch.no_grad():
+        model.fc.bias.zero_()
+    assert uniformity_loss(model, z, torch.ones_like(mask)).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+    assert uniformity_loss(model, z, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# synthesize_epoch
+
+
+@pytest.fixture(scope="module")
+def nets() -> tuple[nn.Module, nn.Module]:
+    return tiny_cnn(0), tiny_cnn(1, width=2)
+
+
+def run_epoch(teacher, student, cfg=None, seed=0, p=None, **kw) -> EpochSynthesis:
+    return synthesize_epoch(teacher, student, torch.full((C,), 1.0 / C) if p is None else p, cfg or tiny_cfg(),
+                            image_shape=SHAPE, generator=torch.Generator().manual_seed(seed), device="cpu", **kw)
+
+
+def test_synthesize_epoch_outputs_determinism_and_frozen_teacher(nets):
+    teacher, student = nets
+    teacher.train()  # the caller's flags must come back unchanged
+    student.train()
+    t_before, s_before = snapshot(teacher), snapshot(student)
+    hooks_before = hook_count(teacher)
+    calls = []
+    out = run_epoch(teacher, student, progress=lambda task, d, t, info: calls.append((task, d, t, dict(info))), epoch=5)
+    assert out.x.shape == (8, *SHAPE) and out.x.dtype == torch.float32
+    assert 0.0 <= out.x.min() and out.x.max() <= 1.0
+    assert out.y.dtype == torch.int64 and out.y.shape == (8,)
+    assert torch.equal(out.y, out.y.sort().values)
+    assert set(out.log) == LOG_KEYS
+    assert 0 <= out.log["step"] < 3 and 0.0 <= out.log["teacher_acc"] <= 1.0
+    assert 0.0 <= out.log["robust_channels"] <= 1.0
+    assert out.log["bn"] > 0 and out.log["uni"] > 0 and out.log["adv"] != 0
+    assert [(c[0], c[1], c[2]) for c in calls] == [("synthesis epoch 5", i, 3) for i in (1, 2, 3)]
+    assert all(set(c[3]) == {"loss", "teacher_acc"} for c in calls)
+    # the teacher and student are untouched (parameters, BN buffers), flags restored, no hooks left
+    for before, model in ((t_before, teacher), (s_before, student)):
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert model.training and all(m.training for m in model.modules())
+        assert all(p.requires_grad for p in model.parameters())
+    assert hook_count(teacher) == hooks_before == 0
+    # same seed, same batch; another seed, another batch
+    again = run_epoch(teacher, student)
+    assert torch.equal(out.x, again.x) and torch.equal(out.y, again.y) and out.log == again.log
+    other = run_epoch(teacher, student, seed=1)
+    assert not torch.equal(out.x, other.x)
+
+
+def test_synthesize_epoch_labels_from_p_and_fixed_labels(nets):
+    teacher, _ = nets
+    p = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    out = run_epoch(teacher, None, cfg=tiny_cfg(steps=1, lambda_uni=0.0), p=p)
+    assert torch.equal(out.y, torch.full((8,), 2))
+    assert out.log["adv"] == 0.0  # no student: the term is skipped
+    fixed = torch.tensor([0, 0, 1, 1, 2, 3])
+    out = run_epoch(teacher, None, cfg=tiny_cfg(steps=1, lambda_uni=0.0), labels=fixed)
+    assert torch.equal(out.y, fixed) and out.x.shape == (6, *SHAPE)
+
+
+def test_lambda_uni_zero_skips_ib(nets, monkeypatch):
+    teacher, student = nets
+    import ferd.fae as fae
+
+    def boom(*a, **k):
+        raise AssertionError("ib_fit must not run when lambda_uni == 0")
+
+    monkeypatch.setattr(fae, "ib_fit", boom)
+    out = run_epoch(teacher, student, cfg=tiny_cfg(lambda_uni=0.0))
+    assert out.log["uni"] == 0.0 and out.log["robust_channels"] == 0.0
+
+
+def test_nan_loss_raises_naming_the_term(nets, monkeypatch):
+    teacher, student = nets
+    before = snapshot(teacher)
+    real_head = teacher.forward_head
+    monkeypatch.setattr(teacher, "forward_head", lambda z: real_head(z) * float("nan"))
+    with pytest.raises(FerdError, match=r"epoch 3, step 0.*L_oh"):
+        run_epoch(teacher, student, cfg=tiny_cfg(lambda_uni=0.0), epoch=3)
+    monkeypatch.undo()
+    assert hook_count(teacher) == 0
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
