@@ -250,6 +250,16 @@ def load_model(path: str | Path, *, device: Any = "cpu", produced_by: str | None
     return model, meta
 
 
+def require_compatible(meta: Mapping[str, Any], path: str | Path, *, num_classes: int, image_shape: Sequence[int],
+                       what: str) -> None:
+    """Raise unless the model described by ``meta`` takes ``image_shape`` images of ``num_classes`` classes."""
+    if list(meta["input_shape"]) != list(image_shape) or int(meta["num_classes"]) != int(num_classes):
+        raise ArtifactError(
+            f"{path}: model takes {meta['num_classes']} classes of {list(meta['input_shape'])} images but {what} has "
+            f"{num_classes} of {list(image_shape)}; check data.name or rerun the upstream stages"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # image sets (HDF5)
 

@@ -187,6 +187,13 @@ class FaeConfig:
     ib_threshold: Literal["global", "per-sample"] = "global"  # the code's batch-wide max, or per sample
     augment_pad: int = rng(2, ge=0)  # random shift (crop after padding) in pixels; paper: 4 on 32 px
     augment_flip: bool = False  # horizontal flips (paper: on for CIFAR; wrong for Fashion-MNIST)
+    # staged schedule only: L_adv needs a student; synth-fae keeps a cheap "shadow" student that
+    # mimics the teacher on the pool so far (clean KL, a few SGD steps per epoch). 0 steps = an
+    # untrained student, as during the paper's warm-up.
+    shadow_arch: ArchName = "cnn"
+    shadow_width: int = rng(8, ge=1)
+    shadow_steps: int = rng(10, ge=0)
+    shadow_lr: float = rng(0.05, gt=0.0)
 
     def __post_init__(self) -> None:
         if self.warmup >= self.epochs:

@@ -393,3 +393,58 @@ def train_student(
     student.eval()
     assert last is not None  # at least one student epoch ran, or ``state`` had finished them all
     return last
+
+
+def run_distill(
+    teacher: nn.Module,
+    pool_arrays: dict[str, Any],
+    params: Any,
+    info: Any,
+    *,
+    cached_delta: Tensor | None,
+    device: torch.device | str,
+    on_epoch_end: Callable[[DistillState], None] | None = None,
+    state: DistillState | None = None,
+    progress: Progress = no_progress,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The ``distill`` stage: build the student, run ``train_student`` with the configured schedule.
+
+    ``staged``: the cached pool (all ``fae.epochs`` epochs). ``interleaved``: the pool holds the
+    warm-up epochs; before every student epoch a :class:`ferd.synthesis.Synthesizer` continues the
+    synthesis loop (re-probe, re-weight, append) against the live student. Returns the student (eval
+    mode) and one log row per student epoch, with the class proportions that epoch's images used.
+    """
+    from ferd.models import build_model
+    from ferd.runtime import derive_seed
+    from ferd.synthesis import Synthesizer, state_from_pool
+
+    cfg, fae = params.distill, params.fae
+    c, h, _w = info.image_shape
+    torch.manual_seed(derive_seed(params.seed, "distill/student-init"))
+    student = build_model(cfg.arch, num_classes=info.num_classes, in_channels=c, image_size=h, width=cfg.width)
+    pool = Pool(x=torch.as_tensor(pool_arrays["x"]), y=torch.as_tensor(pool_arrays["y"]),
+                epoch=torch.as_tensor(pool_arrays["epoch"]))
+    synth_state = state_from_pool(pool_arrays)
+    synthesize = None
+    if cfg.schedule == "interleaved":
+        synth = Synthesizer(teacher, fae, params.probe, params.reweight, num_classes=info.num_classes,
+                            image_shape=tuple(info.image_shape), eps=params.data.eps, seed=params.seed, device=device,
+                            state=synth_state, progress=progress)
+
+        def synthesize(epoch: int, live_student: nn.Module) -> tuple[Tensor, Tensor]:
+            x, y, _row = synth.epoch(epoch, live_student)
+            return x, y
+
+    final = train_student(
+        student, teacher, pool, cfg, params.utae, total_epochs=fae.epochs, warmup=fae.warmup, eps=params.data.eps,
+        seed=params.seed, device=device, cached_delta=cached_delta, synthesize=synthesize, state=state,
+        on_epoch_end=on_epoch_end, progress=progress,
+    )
+    rows = []
+    for row in final.log:
+        out = {k: (int(v) if k in ("epoch", "pool_size") else v) for k, v in row.items()}
+        epoch = int(row["epoch"])
+        if epoch <= len(synth_state.p_history):
+            out.update({f"p_{n}": v for n, v in zip(info.class_names, synth_state.p_history[epoch - 1], strict=True)})
+        rows.append(out)
+    return student.eval(), rows

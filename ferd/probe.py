@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -204,3 +204,40 @@ def rank_correlation(a: Sequence[float] | Tensor, b: Sequence[float] | Tensor) -
     if denom == 0.0:
         return math.nan
     return float((da * db).sum()) / denom
+
+
+def run_probe(teacher: nn.Module, params: Any, info: Any, *, device: Any, progress: Any = None) -> tuple[dict, dict]:
+    """The ``probe`` stage: synthetic probe set → PGD on the teacher → D; optionally a real split too.
+
+    Returns (arrays, attrs) for the probe HDF5: x, y, margins, clean_pred, adv_pred, D,
+    per_class_adv_acc, per_class_agreement (and real_* when ``probe.real_split`` is not ``none``),
+    plus the agreement rate and the synthetic-vs-real rank correlation.
+    """
+    from ferd.config import as_dict
+    from ferd.data import class_balanced_subset, load_split
+    from ferd.runtime import torch_generator
+
+    progress = progress or no_progress
+    cfg = params.probe
+    eps = params.data.eps
+    x, y = probe_set(teacher, None, params.fae, cfg.per_class, info.num_classes, image_shape=tuple(info.image_shape),
+                     generator=torch_generator(params.seed, "probe/set"), device=device, progress=progress)
+    res = probe_teacher(teacher, x, y, info.num_classes, eps=eps, alpha=cfg.step_size * eps, steps=cfg.steps,
+                        mode=cfg.fragility, generator=torch_generator(params.seed, "probe/pgd"))
+    arrays = {
+        "x": x.cpu().numpy(), "y": y.cpu().numpy(), "margins": res.margins.numpy(),
+        "clean_pred": res.clean_pred.numpy(), "adv_pred": res.adv_pred.numpy(), "D": res.D.numpy(),
+        "per_class_adv_acc": res.per_class_adv_acc.numpy(), "per_class_agreement": res.per_class_agreement.numpy(),
+    }
+    attrs = {"num_classes": info.num_classes, "class_names": list(info.class_names), "seed": params.seed,
+             "eps": eps, "params": {"probe": as_dict(cfg), "fae": as_dict(params.fae)},
+             "agreement": float((res.clean_pred == y.cpu()).double().mean())}
+    if cfg.real_split != "none":
+        real = class_balanced_subset(load_split(params.data, cfg.real_split), cfg.real_per_class, seed=params.seed)
+        rres = probe_teacher(teacher, real.images(), real.y, info.num_classes, eps=eps, alpha=cfg.step_size * eps,
+                             steps=cfg.steps, mode=cfg.fragility, generator=torch_generator(params.seed, "probe/real"))
+        arrays["real_D"] = rres.D.numpy()
+        arrays["real_per_class_adv_acc"] = rres.per_class_adv_acc.numpy()
+        attrs["rank_correlation"] = rank_correlation(res.D, rres.D)
+        attrs["real_split"] = cfg.real_split
+    return arrays, attrs

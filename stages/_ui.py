@@ -68,14 +68,22 @@ class DeclaredParams:
 
     def __init__(self, params: Any, sections: tuple[str, ...]) -> None:
         self._params = params
-        self._sections = frozenset(sections) | {"runtime"}
+        self._sections = frozenset(s for s in sections if "." not in s) | {"runtime"}
+        # "distill.schedule": only that key of the section is declared
+        self._keys: dict[str, set[str]] = {}
+        for entry in sections:
+            if "." in entry:
+                section, key = entry.split(".", 1)
+                self._keys.setdefault(section, set()).add(key)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        if name not in self._sections:
-            raise RuntimeError(f"stage reads params section {name!r} without declaring it (add it to SECTIONS and dvc.yaml)")
-        return getattr(self._params, name)
+        if name in self._sections:
+            return getattr(self._params, name)
+        if name in self._keys:
+            return DeclaredParams(getattr(self._params, name), tuple(self._keys[name]))
+        raise RuntimeError(f"stage reads params {name!r} without declaring it (add it to SECTIONS and dvc.yaml)")
 
 
 def load_stage_params(ctx: typer.Context, sections: tuple[str, ...]) -> Any:
@@ -99,6 +107,12 @@ def setup_torch(params: Any, stage: str) -> Any:
     return resolve_device(params.runtime.device)
 
 
+def _resolve(params: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        params = getattr(params, part)
+    return params
+
+
 def _flatten(prefix: str, value: Any) -> Iterator[tuple[str, Any]]:
     if dataclasses.is_dataclass(value):
         for f in dataclasses.fields(value):
@@ -113,7 +127,7 @@ def print_config(stage: str, params: Any, sections: tuple[str, ...], device: Any
     table.add_column("key", style="cyan", no_wrap=True)
     table.add_column("value")
     for section in sections:
-        for key, value in _flatten(section, getattr(params, section)):
+        for key, value in _flatten(section, _resolve(params, section)):
             if key.startswith("data.synthetic.") and params.data.name != "synthetic":
                 continue  # only meaningful for the generated dataset
             table.add_row(key, repr(value) if isinstance(value, str) else str(value))
@@ -168,3 +182,14 @@ def timed(what: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     console.print(f"[green]{what}[/] in {time.perf_counter() - start:.1f} s")
+
+
+def load_teacher(params: Any, path: Path, device: Any) -> tuple[Any, dict, Any]:
+    """The teacher artifact, checked against the configured dataset: (model in eval mode, meta, DatasetInfo)."""
+    from ferd.artifacts import load_model, require_compatible
+    from ferd.data import dataset_info
+
+    info = dataset_info(params.data)
+    model, meta = load_model(path, device=device, produced_by="fetch-teacher")
+    require_compatible(meta, path, num_classes=info.num_classes, image_shape=info.image_shape, what=info.name)
+    return model, meta, info

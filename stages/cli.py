@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from stages import evaluate, fetch_teacher, info, report
+from stages import distill, evaluate, fetch_teacher, gen_utae, info, probe, report, reweight, synth_fae
 from stages._ui import GlobalOptions
 
 app = typer.Typer(
@@ -47,7 +47,15 @@ STAGES = "Pipeline stages"
 TOOLS = "Tools"
 
 #: dvc.yaml stage name -> the module implementing it (its SECTIONS are the params it may read).
-STAGE_MODULES = {"fetch-teacher": fetch_teacher, "evaluate": evaluate}
+STAGE_MODULES = {
+    "fetch-teacher": fetch_teacher,
+    "probe": probe,
+    "reweight": reweight,
+    "synth-fae": synth_fae,
+    "gen-utae": gen_utae,
+    "distill": distill,
+    "evaluate": evaluate,
+}
 
 for _name, _module in STAGE_MODULES.items():
     app.command(_name, rich_help_panel=STAGES)(_module.command)

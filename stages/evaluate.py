@@ -23,9 +23,8 @@ def command(
     metrics_dir: Annotated[Path, typer.Option(help="Where to write the metrics.")] = Path("metrics"),
 ) -> None:
     """Attack a model on the test split; write per-class accuracy and its summary (avg, worst, NSD)."""
-    from ferd.artifacts import load_model, save_csv, save_json
+    from ferd.artifacts import load_model, require_compatible, save_csv, save_json
     from ferd.data import dataset_info, load_split
-    from ferd.errors import ArtifactError
     from ferd.evaluate import evaluate_model
 
     params = load_stage_params(ctx, SECTIONS)
@@ -34,11 +33,7 @@ def command(
     path = model or Path("data") / name / f"{name}.safetensors"
     net, meta = load_model(path, device=device, produced_by=PRODUCED_BY.get(name))
     info = dataset_info(params.data)
-    if tuple(meta["input_shape"]) != tuple(info.image_shape) or meta["num_classes"] != info.num_classes:
-        raise ArtifactError(
-            f"{path}: model takes {meta['num_classes']} classes of {meta['input_shape']} images but {info.name} has "
-            f"{info.num_classes} of {list(info.image_shape)}; check data.name or the model"
-        )
+    require_compatible(meta, path, num_classes=info.num_classes, image_shape=info.image_shape, what=info.name)
     test = load_split(params.data, "test")
     with timed(f"evaluate ({name})"), RichProgress() as progress:
         result = evaluate_model(net, test, params.evaluate, eps=params.data.eps, seed=params.seed, progress=progress)

@@ -32,6 +32,14 @@ def tiny_params(**sections: dict) -> dict:
             "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "attack_steps": 1, "attack_step_size": 1.0},
             "eval_subset": 0, "eval_pgd_steps": 3,
         },
+        "probe": {"per_class": 4, "steps": 3, "real_split": "test", "real_per_class": 4},
+        "reweight": {"method": "softmax", "tau": 1.0},
+        "fae": {
+            "epochs": 4, "warmup": 1, "batch_size": 16, "steps": 3, "nz": 16, "ngf": 8, "ib_steps": 2,
+            "augment_pad": 1, "shadow_width": 4, "shadow_steps": 2,
+        },
+        "utae": {"gamma": 0.3, "steps": 2},
+        "distill": {"arch": "cnn", "width": 4, "steps": 3, "batch_size": 16, "holdout_per_class": 1, "augment_pad": 1},
         "evaluate": {
             "batch_size": 64, "pgd_steps": 3, "cw_steps": 3, "autoattack": "fast", "autoattack_per_class": 2,
             "eps_sweep": [0.5, 1.0],

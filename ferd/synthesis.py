@@ -1,0 +1,204 @@
+"""FERD's per-epoch synthesis loop (method reference §3, parts A and B; §2.4 pool).
+
+Each epoch: a fresh generator makes a batch of Fairness-Aware Examples whose labels are drawn from
+the class distribution p (``ferd.fae.synthesize_epoch``); the teacher's per-class fragility D is
+re-measured on the kept batch (``ferd.probe.probe_teacher``, PGD on the frozen teacher, §9 #5:
+best_mem, not the last augmented batch); p is re-weighted from D (``ferd.reweight``); the batch is
+appended to the pool (append-only, §9 #6).
+
+The same :class:`Synthesizer` serves both schedules:
+- ``staged`` (``synth-fae`` runs all E epochs up front): the generator's student-disagreement term
+  L_adv needs a student that does not exist yet, so a cheap *shadow student* stands in: it is
+  trained after every epoch to mimic the teacher on the clean pool so far (KL, ``fae.shadow_steps``
+  SGD steps). This is where ``staged`` deviates from the paper, whose L_adv sees the live,
+  adversarially distilled student.
+- ``interleaved`` (the paper's alternation): ``synth-fae`` makes only the warm-up epochs and
+  ``distill`` calls :meth:`Synthesizer.epoch` with the live student before each student epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ferd.config import FaeConfig, ProbeConfig, ReweightConfig
+from ferd.runtime import Progress, derive_seed, no_progress, torch_generator
+
+
+@dataclass
+class SynthesisState:
+    """What the loop carries from epoch to epoch (and what the pool file records)."""
+
+    p: Tensor  # float64 [C]: the distribution the *next* epoch samples labels from
+    D: Tensor | None = None  # float64 [C]: the (smoothed) fragility behind p
+    p_history: list[list[float]] = field(default_factory=list)  # p used by each epoch so far
+    D_history: list[list[float]] = field(default_factory=list)  # D measured after each epoch
+    rows: list[dict[str, float]] = field(default_factory=list)  # per-epoch log
+
+
+class Synthesizer:
+    """Runs synthesis epochs against a frozen teacher; see the module docstring."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        fae: FaeConfig,
+        probe: ProbeConfig,
+        reweight: ReweightConfig,
+        *,
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        eps: float,
+        seed: int,
+        device: Any,
+        state: SynthesisState,
+        progress: Progress = no_progress,
+    ) -> None:
+        self.teacher, self.fae, self.probe, self.reweight = teacher, fae, probe, reweight
+        self.num_classes, self.image_shape, self.eps, self.seed = num_classes, image_shape, eps, seed
+        self.device, self.state, self.progress = device, state, progress
+
+    def epoch(self, epoch: int, student: nn.Module | None) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """Synthesise epoch ``epoch`` (1-based) against ``student``; update p; return (x, y, log row).
+
+        Each epoch's randomness is derived from (seed, epoch), so a resumed run repeats it exactly.
+        """
+        from ferd.fae import synthesize_epoch
+        from ferd.probe import probe_teacher
+        from ferd.reweight import class_proportions, smooth_fragility
+
+        st = self.state
+        p_used = st.p
+        kept = synthesize_epoch(
+            self.teacher, student, p_used.float(), self.fae, image_shape=self.image_shape,
+            generator=torch_generator(self.seed, f"synth-fae/epoch-{epoch}"), device=self.device,
+            progress=self.progress, epoch=epoch,
+        )
+        result = probe_teacher(
+            self.teacher, kept.x, kept.y, self.num_classes, eps=self.eps, alpha=self.probe.step_size * self.eps,
+            steps=self.probe.steps, mode=self.probe.fragility,
+            generator=torch_generator(self.seed, f"synth-fae/probe-{epoch}"),
+        )
+        st.D = smooth_fragility(st.D, result.D, self.reweight.momentum)
+        st.p = class_proportions(st.D, self.reweight)
+        st.p_history.append([float(v) for v in p_used])
+        st.D_history.append([float(v) for v in st.D])
+        x, y = kept.x.detach().cpu(), kept.y.cpu()
+        row = {"epoch": float(epoch), **{k: float(v) for k, v in kept.log.items() if k != "step"}}
+        row["probe_adv_acc"] = float((result.adv_pred == y).double().mean())
+        counts = torch.bincount(y, minlength=self.num_classes)
+        row["classes_present"] = float((counts > 0).sum())
+        st.rows.append(row)
+        return x, y, row
+
+
+def train_shadow(
+    shadow: nn.Module,
+    teacher: nn.Module,
+    pool_x: Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    device: Any,
+) -> None:
+    """``steps`` SGD steps of KL(teacher ‖ shadow) on clean pool images (the staged L_adv stand-in)."""
+    from ferd.attacks import frozen_eval
+    from ferd.losses import kl_div
+
+    if steps == 0 or len(pool_x) == 0:
+        return
+    opt = torch.optim.SGD(shadow.parameters(), lr=lr, momentum=0.9)
+    shadow.train()
+    with frozen_eval(teacher):
+        for _ in range(steps):
+            idx = torch.randint(len(pool_x), (min(batch_size, len(pool_x)),), generator=generator)
+            x = pool_x[idx].to(device)
+            with torch.no_grad():
+                t = teacher(x)
+            loss = kl_div(t, shadow(x))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    shadow.eval()
+
+
+def synthesize_pool(
+    teacher: nn.Module,
+    fae: FaeConfig,
+    probe: ProbeConfig,
+    reweight: ReweightConfig,
+    *,
+    epochs: int,
+    p0: Tensor,
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+    eps: float,
+    seed: int,
+    device: Any,
+    progress: Progress = no_progress,
+) -> tuple[Tensor, Tensor, Tensor, SynthesisState]:
+    """The ``synth-fae`` stage: ``epochs`` synthesis epochs with a shadow student; (x, y, epoch, state)."""
+    from ferd.models import build_model
+
+    c, h, _w = image_shape
+    torch.manual_seed(derive_seed(seed, "synth-fae/shadow-init"))
+    shadow = build_model(fae.shadow_arch, num_classes=num_classes, in_channels=c, image_size=h,
+                         width=fae.shadow_width).to(device).eval()
+    state = SynthesisState(p=p0.double().clone())
+    synth = Synthesizer(teacher, fae, probe, reweight, num_classes=num_classes, image_shape=image_shape, eps=eps,
+                        seed=seed, device=device, state=state, progress=progress)
+    g_shadow = torch_generator(seed, "synth-fae/shadow")
+    xs, ys, es = [], [], []
+    for epoch in range(1, epochs + 1):
+        x, y, _row = synth.epoch(epoch, shadow)
+        xs.append(x)
+        ys.append(y)
+        es.append(torch.full((len(y),), epoch, dtype=torch.long))
+        train_shadow(shadow, teacher, torch.cat(xs), steps=fae.shadow_steps, batch_size=fae.batch_size,
+                     lr=fae.shadow_lr, generator=g_shadow, device=device)
+        progress("synthesis epochs", epoch, epochs, {"teacher_acc": _row.get("teacher_acc", float("nan"))})
+    if not xs:  # interleaved with no warm-up: the pool starts empty
+        return torch.zeros(0, *image_shape), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), state
+    return torch.cat(xs), torch.cat(ys), torch.cat(es), state
+
+
+def pool_arrays(x: Tensor, y: Tensor, epoch: Tensor, state: SynthesisState) -> dict[str, Any]:
+    """The pool file's datasets: images, labels, synthesis epoch, p/D per epoch, the per-epoch log."""
+    num_classes = state.p.numel()
+    arrays: dict[str, Any] = {
+        "x": x.numpy(), "y": y.numpy(), "epoch": epoch.numpy(),
+        "p_history": torch.tensor(state.p_history, dtype=torch.float64).reshape(-1, num_classes).numpy(),
+        "D_history": torch.tensor(state.D_history, dtype=torch.float64).reshape(-1, num_classes).numpy(),
+        "p_next": state.p.numpy(),
+    }
+    if state.D is not None:
+        arrays["D_next"] = state.D.numpy()
+    for key in sorted({k for row in state.rows for k in row}):
+        arrays[f"log_{key}"] = torch.tensor([row.get(key, float("nan")) for row in state.rows], dtype=torch.float64).numpy()
+    return arrays
+
+
+def state_from_pool(arrays: dict[str, Any]) -> SynthesisState:
+    """Continue the synthesis loop where a pool file left it (the interleaved schedule)."""
+    return SynthesisState(
+        p=torch.as_tensor(arrays["p_next"], dtype=torch.float64),
+        D=torch.as_tensor(arrays["D_next"], dtype=torch.float64) if "D_next" in arrays else None,
+        p_history=[list(map(float, r)) for r in arrays["p_history"]],
+        D_history=[list(map(float, r)) for r in arrays["D_history"]],
+        rows=[{k[4:]: float(arrays[k][i]) for k in arrays if k.startswith("log_")} for i in range(len(arrays["p_history"]))],
+    )
+
+
+def synthesis_rows(state: SynthesisState, class_names: list[str]) -> list[dict[str, Any]]:
+    """One CSV row per synthesis epoch: the log plus p (the proportions that epoch sampled from) per class."""
+    rows = []
+    for row, p in zip(state.rows, state.p_history, strict=True):
+        out = {k: (int(v) if k == "epoch" else v) for k, v in row.items()}
+        out.update({f"p_{name}": v for name, v in zip(class_names, p, strict=True)})
+        rows.append(out)
+    return rows

@@ -1,0 +1,65 @@
+"""``ferd synth-fae``: FERD's generator phase, epoch by epoch, into an append-only pool.
+
+Params: seed, data, fae, probe, reweight, and ``distill.schedule`` (staged: all ``fae.epochs``
+epochs here; interleaved: only the ``fae.warmup`` epochs, ``distill`` synthesises the rest).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stages._ui import RichProgress, console, handles_errors, load_stage_params, load_teacher, print_config, setup_torch, timed
+
+SECTIONS = ("seed", "data", "fae", "probe", "reweight", "distill.schedule")
+LOG_COLUMNS = ("epoch", "total", "bn", "adv", "oh", "uni", "teacher_acc", "robust_channels", "probe_adv_acc",
+               "classes_present")
+
+
+@handles_errors
+def command(
+    ctx: typer.Context,
+    teacher: Annotated[Path, typer.Option(help="Teacher model.")] = Path("data/teacher/teacher.safetensors"),
+    weights: Annotated[Path, typer.Option(help="Initial class proportions from `ferd reweight`.")] = Path(
+        "data/reweight/class_weights.json"),
+    out: Annotated[Path, typer.Option(help="The FAE pool (HDF5).")] = Path("data/fae/pool.h5"),
+    log: Annotated[Path, typer.Option(help="Per-epoch synthesis log (CSV, for dvc plots).")] = Path("metrics/synthesis.csv"),
+) -> None:
+    """Synthesise Fairness-Aware Examples: fresh generator per epoch, re-probe and re-weight after each epoch."""
+    import torch
+
+    from ferd.artifacts import load_json, save_csv, save_h5
+    from ferd.config import as_dict
+    from ferd.errors import ArtifactError
+    from ferd.synthesis import pool_arrays, synthesis_rows, synthesize_pool
+
+    params = load_stage_params(ctx, SECTIONS)
+    device = setup_torch(params, "synth-fae")
+    print_config("synth-fae", params, SECTIONS, device)
+    model, _meta, info = load_teacher(params, teacher, device)
+    cw = load_json(weights, what="class weights", produced_by="reweight")
+    if len(cw.get("p", [])) != info.num_classes:
+        raise ArtifactError(f"{weights}: {len(cw.get('p', []))} class proportions for a {info.num_classes}-class teacher; "
+                            "rerun `ferd probe` and `ferd reweight`")
+    epochs = params.fae.epochs if params.distill.schedule == "staged" else params.fae.warmup
+    with timed("synth-fae"), RichProgress() as progress:
+        x, y, epoch, state = synthesize_pool(
+            model, params.fae, params.probe, params.reweight, epochs=epochs, p0=torch.tensor(cw["p"], dtype=torch.float64),
+            num_classes=info.num_classes, image_shape=tuple(info.image_shape), eps=params.data.eps, seed=params.seed,
+            device=device, progress=progress,
+        )
+    attrs = {"num_classes": info.num_classes, "class_names": list(info.class_names), "seed": params.seed,
+             "image_shape": list(info.image_shape), "schedule": params.distill.schedule,
+             "params": {"fae": as_dict(params.fae), "probe": as_dict(params.probe), "reweight": as_dict(params.reweight)}}
+    save_h5(out, kind="pool", arrays=pool_arrays(x, y, epoch, state), attrs=attrs, chunk_rows=params.fae.batch_size)
+    rows = synthesis_rows(state, list(info.class_names))
+    save_csv(log, rows, [*LOG_COLUMNS, *[f"p_{n}" for n in info.class_names]])
+    if rows:
+        acc = [r["teacher_acc"] for r in rows]
+        console.print(f"{len(y)} images over {epochs} epochs; teacher agrees with the sampled label on "
+                      f"{sum(acc) / len(acc):.1%} of the kept batches (min {min(acc):.1%}, max {max(acc):.1%})")
+        final = ", ".join(f"{n} {v:.3f}" for n, v in zip(info.class_names, state.p.tolist(), strict=True))
+        console.print(f"class proportions after the last epoch: {final}")
+    console.print(f"wrote {out} and {log}")
