@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ferd.attacks import frozen_eval, run_attack
+from ferd.augment import apply_augment, augment_params
 from ferd.config import DistillConfig, UtaeConfig
 from ferd.errors import FerdError
 from ferd.losses import soft_label_loss
@@ -142,44 +142,6 @@ def split_holdout(pool: Pool, per_class: int, generator: torch.Generator | None)
 
 
 # --------------------------------------------------------------------------------------------
-# augmentation (same semantics and random draws as ferd.fae.augment with its default reflect
-# padding; kept private here until deduplicated)
-
-
-def _augment_params(n: int, pad: int, flip: bool, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample crop offsets (rows, cols in [0, 2·pad]; one [2, n] draw) then flip flags (p = 1/2),
-    from the CPU generator; nothing is drawn for ``pad = 0`` / ``flip = False``."""
-    if pad > 0:
-        oy, ox = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
-    else:
-        oy = ox = torch.zeros(n, dtype=torch.long)
-    flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
-    return oy, ox, flips
-
-
-def _apply_augment(x: Tensor, pad: int, params: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """Reflect-pad by ``pad`` (needs pad < H, W), crop back to the input size at the given offsets, flip where flagged."""
-    oy, ox, flips = (p.to(x.device) for p in params)
-    n, c, h, w = x.shape
-    if pad > 0:
-        if pad >= h or pad >= w:
-            raise ValueError(f"augment: reflect padding needs pad < image size, got pad {pad} for {h}x{w}")
-        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        b = torch.arange(n, device=x.device)[:, None, None, None]
-        ch = torch.arange(c, device=x.device)[None, :, None, None]
-        x = padded[b, ch, rows, cols]
-    if bool(flips.any()):
-        x = torch.where(flips[:, None, None, None], x.flip(3), x)
-    return x
-
-
-def _augment(x: Tensor, pad: int, flip: bool, generator: torch.Generator | None) -> Tensor:
-    """Random shift by up to ``pad`` px (reflect-pad + random crop, per-sample offsets) and optional h-flip."""
-    return _apply_augment(x, pad, _augment_params(x.shape[0], pad, flip, generator))
-
-
 # --------------------------------------------------------------------------------------------
 # training loop
 
@@ -324,12 +286,12 @@ def train_student(
             for step in range(1, cfg.steps + 1):
                 b = idx[torch.randint(idx.numel(), (cfg.batch_size,), generator=gens["sample"])]
                 x_raw = pool.x[b]
-                aug = _augment_params(x_raw.shape[0], cfg.augment_pad, cfg.augment_flip, gens["augment"])
-                x_f = _apply_augment(x_raw, cfg.augment_pad, aug).to(device)
+                aug = augment_params(x_raw.shape[0], cfg.augment_pad, cfg.augment_flip, gens["augment"])
+                x_f = apply_augment(x_raw, cfg.augment_pad, aug).to(device)
                 with torch.no_grad():
                     t = teacher(x_f)
                 if cached:
-                    start = _apply_augment((x_raw + cached_delta[b].to(x_raw.dtype)).clamp(0.0, 1.0), cfg.augment_pad, aug)
+                    start = apply_augment((x_raw + cached_delta[b].to(x_raw.dtype)).clamp(0.0, 1.0), cfg.augment_pad, aug)
                     x_u = craft_utae(student, x_f, t, eps=eps, alpha=alpha, steps=cfg.cached_steps, gamma=utae.gamma,
                                      init_noise=utae.init_noise, generator=gens["utae"], start=start.to(device))
                 else:

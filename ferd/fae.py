@@ -22,7 +22,7 @@ uses and keeps its running statistics (hazard §7 #5); gradients reach x through
 All randomness (generator weights, z, labels, augmentation offsets, IB noise) is drawn from the one
 CPU ``torch.Generator`` passed in, then moved to the device, so a seed reproduces an epoch.
 
-Project choices: augmentation is a random shift (pad + crop, reflect padding by default) and an
+Project choices: augmentation (``ferd.augment``) is a random shift (reflect pad + crop) and an
 optional horizontal flip (off for Fashion-MNIST); the IB channel variance ``v = Var_{h,w}(Z)`` is
 the biased (population) variance, floored at 1e-8.
 """
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ferd.attacks import frozen_eval
+from ferd.augment import augment
 from ferd.config import FaeConfig
 from ferd.errors import FerdError
 from ferd.losses import ikl, uniform_kl
@@ -48,7 +49,6 @@ from ferd.runtime import Progress, no_progress
 __all__ = [
     "BNStatsLoss",
     "EpochSynthesis",
-    "augment",
     "channel_variance",
     "ib_fit",
     "robust_mask",
@@ -57,51 +57,6 @@ __all__ = [
 ]
 
 _VAR_FLOOR = 1e-8
-
-
-# --------------------------------------------------------------------------------------------
-# augmentation
-
-
-def augment(
-    x: Tensor,
-    pad: int,
-    flip: bool,
-    generator: torch.Generator,
-    *,
-    padding: Literal["reflect", "zeros"] = "reflect",
-) -> Tensor:
-    """Random shift by up to ``pad`` pixels (pad, then crop back at a random offset) and optional flip.
-
-    Offsets (uniform in ``0..2*pad`` per sample and axis) and flips (p = 1/2 per sample) are drawn
-    from the CPU ``generator``. Differentiable with respect to ``x``. ``pad = 0`` and ``flip=False``
-    return ``x`` itself and draw nothing. Reflect padding needs ``pad < H, W``.
-    """
-    if x.ndim != 4:
-        raise ValueError(f"augment: expected images [B, C, H, W], got {tuple(x.shape)}")
-    if pad < 0:
-        raise ValueError(f"augment: pad must be >= 0, got {pad}")
-    b, _, h, w = x.shape
-    out = x
-    if pad > 0:
-        if padding == "reflect":
-            if pad >= h or pad >= w:
-                raise ValueError(f"augment: reflect padding needs pad < image size, got pad {pad} for {h}x{w}")
-            xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        elif padding == "zeros":
-            xp = F.pad(x, (pad, pad, pad, pad))
-        else:
-            raise ValueError(f"augment: padding must be 'reflect' or 'zeros', got {padding!r}")
-        offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
-        rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # [B, H]
-        cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # [B, W]
-        batch = torch.arange(b, device=x.device)[:, None, None]
-        # advanced indices separated by a slice go first: [B, H, W, C]
-        out = xp[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    if flip:
-        do_flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-        out = torch.where(do_flip[:, None, None, None], out.flip(3), out)
-    return out
 
 
 # --------------------------------------------------------------------------------------------

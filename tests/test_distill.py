@@ -10,13 +10,11 @@ import torch
 from torch import nn
 
 import ferd.distill as distill
+from ferd.augment import augment, augment_params
 from ferd.config import DistillConfig, UtaeConfig
 from ferd.distill import (
     LOG_COLUMNS,
     Pool,
-    _apply_augment,
-    _augment,
-    _augment_params,
     split_holdout,
     student_loss,
     train_student,
@@ -140,15 +138,15 @@ def test_split_holdout_balanced_disjoint_deterministic():
 
 def test_augment_shift_and_flip():
     x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(_augment(x, 0, False, torch.Generator()), x)
-    params = _augment_params(6, 2, True, torch.Generator().manual_seed(0))
-    out = _apply_augment(x, 2, params)
+    assert torch.equal(augment(x, 0, False, torch.Generator()), x)
+    params = augment_params(6, 2, True, torch.Generator().manual_seed(0))
+    out = apply_augment(x, 2, params)
     oy, ox, flips = params
     for i in range(6):
         ref = torch.nn.functional.pad(x[i:i + 1], (2, 2, 2, 2), mode="reflect")[0, :, oy[i]:oy[i] + 8, ox[i]:ox[i] + 8]
         ref = ref.flip(2) if flips[i] else ref
         assert torch.equal(out[i], ref)
-    assert torch.equal(_augment(x, 2, True, torch.Generator().manual_seed(0)), out)
+    assert torch.equal(augment(x, 2, True, torch.Generator().manual_seed(0)), out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,12 +292,3 @@ def test_student_learns_the_teacher():
     first, last = state.log[0], state.log[-1]
     assert last["loss"] < 0.5 * first["loss"], state.log  # measured: about 0.15x
     assert last["train_agreement"] >= first["train_agreement"] + 0.15, state.log  # measured: 0.48 -> 0.82..0.88
-
-
-def test_augment_matches_the_fae_helper_when_present():
-    fae = pytest.importorskip("ferd.fae")
-    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    for pad, flip in ((2, True), (1, False), (0, True)):
-        ours = _augment(x, pad, flip, torch.Generator().manual_seed(4))
-        theirs = fae.augment(x, pad, flip, torch.Generator().manual_seed(4))
-        assert torch.equal(ours, theirs), (pad, flip)

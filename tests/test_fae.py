@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ferd.augment import augment
 from ferd.config import FaeConfig
 from ferd.errors import FerdError
 from ferd.fae import (
     BNStatsLoss,
     EpochSynthesis,
-    augment,
     channel_variance,
     ib_fit,
     robust_mask,
@@ -78,10 +78,10 @@ def test_augment_shift_flip_deterministic_and_differentiable():
 
 
 def test_augment_is_a_shift():
-    # zero padding: every output is x shifted by (dy, dx) in [-pad, pad] (and maybe flipped)
+    # every output is a crop of the reflect-padded x at an offset (dy, dx) in [0, 2 pad]
     x = torch.rand(16, 1, 8, 8)
-    out = augment(x, 1, False, torch.Generator().manual_seed(0), padding="zeros")
-    xp = F.pad(x, (1, 1, 1, 1))
+    out = augment(x, 1, False, torch.Generator().manual_seed(0))
+    xp = F.pad(x, (1, 1, 1, 1), mode="reflect")
     offsets = set()
     for b in range(x.shape[0]):
         found = [(r, c) for r in range(3) for c in range(3) if torch.equal(out[b], xp[b, :, r:r + 8, c:c + 8])]

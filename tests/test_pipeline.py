@@ -72,24 +72,30 @@ def _ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
+ALL = {"fetch-teacher", "probe", "reweight", "synth-fae", "gen-utae", "distill", "evaluate@teacher", "evaluate@student"}
+
+
 @pytest.mark.slow
 def test_dvc_repro_reruns_only_what_changed(dvc_repo: Path):
-    first = _dvc(dvc_repo, "repro")
-    assert _ran(first) == {"fetch-teacher", "evaluate@teacher"}
-    assert (dvc_repo / "data" / "teacher" / "teacher.safetensors").is_file()
-    assert _ran(_dvc(dvc_repo, "repro")) == set()
+    assert _ran(_dvc(dvc_repo, "repro")) == ALL
+    assert (dvc_repo / "data" / "student" / "student.safetensors").is_file()
+    assert _ran(_dvc(dvc_repo, "repro")) == set(), "nothing changed: nothing runs"
 
     params = tiny_params(runtime={"device": "cpu", "threads": 2})  # speed only: not a dependency
     write_params(dvc_repo / "params.yaml", params)
     assert _ran(_dvc(dvc_repo, "repro")) == set()
 
-    params["evaluate"]["pgd_steps"] = 2
-    write_params(dvc_repo / "params.yaml", params)
-    assert _ran(_dvc(dvc_repo, "repro")) == {"evaluate@teacher"}
+    def change(section: str, key: str, value) -> set[str]:
+        params[section][key] = value
+        write_params(dvc_repo / "params.yaml", params)
+        return _ran(_dvc(dvc_repo, "repro"))
 
-    params["teacher"]["train"]["epochs"] = 1
-    write_params(dvc_repo / "params.yaml", params)
-    assert _ran(_dvc(dvc_repo, "repro")) == {"fetch-teacher", "evaluate@teacher"}
+    assert change("distill", "steps", 2) == {"distill", "evaluate@student"}
+    assert change("utae", "gamma", 0.5) == {"gen-utae", "distill", "evaluate@student"}
+    assert change("reweight", "tau", 2.0) == {"reweight", "synth-fae", "gen-utae", "distill", "evaluate@student"}
+    assert change("evaluate", "pgd_steps", 2) == {"evaluate@teacher", "evaluate@student"}
+    metrics = _dvc(dvc_repo, "metrics", "show")
+    assert "student.json" in metrics and "pgd_worst" in metrics
 
 
 @pytest.mark.slow
