@@ -39,7 +39,7 @@ def tiny_params(**sections: dict) -> dict:
             "augment_pad": 1, "shadow_width": 4, "shadow_steps": 2,
         },
         "utae": {"gamma": 0.3, "steps": 2},
-        "distill": {"arch": "cnn", "width": 4, "steps": 3, "batch_size": 16, "holdout_per_class": 1, "augment_pad": 1},
+        "distill": {"schedule": "staged", "arch": "cnn", "width": 4, "steps": 3, "batch_size": 16, "holdout_per_class": 1, "augment_pad": 1},
         "evaluate": {
             "batch_size": 64, "pgd_steps": 3, "cw_steps": 3, "autoattack": "fast", "autoattack_per_class": 2,
             "eps_sweep": [0.5, 1.0],
