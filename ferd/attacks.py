@@ -119,7 +119,7 @@ def _check_steps(alpha: float, steps: int, what: str) -> None:
         raise ValueError(f"{what}: steps must be an integer >= 1, got {steps!r}")
 
 
-def _project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     """Project onto the L-inf eps-ball around ``x`` intersected with ``[0, 1]``."""
     return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
@@ -157,7 +157,7 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float) -> Tensor:
     y = y.to(device=x.device, dtype=torch.long)
     with frozen_eval(model):
         grad = _input_grad(model, x, lambda logits: F.cross_entropy(logits, y, reduction="none"))
-        x_adv = _project(x + eps * grad.sign(), x, eps)
+        x_adv = project(x + eps * grad.sign(), x, eps)
     return x_adv.detach()
 
 
@@ -207,12 +207,12 @@ def pgd(
     with frozen_eval(model):
         if random_start:
             noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu")
-            x_adv = _project(x + (2.0 * noise.to(x.device) - 1.0) * eps, x, eps)
+            x_adv = project(x + (2.0 * noise.to(x.device) - 1.0) * eps, x, eps)
         else:
             x_adv = x.clone()
         for _ in range(steps):
             grad = _input_grad(model, x_adv, objective)
-            x_adv = _project(x_adv + alpha * grad.sign(), x, eps)
+            x_adv = project(x_adv + alpha * grad.sign(), x, eps)
     return x_adv.detach()
 
 
@@ -236,7 +236,7 @@ def cw_inf(
 # batched evaluation
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -274,7 +274,7 @@ def run_attack(
             raise ValueError(f"run_attack: {name} needs alpha and steps")
         _check_steps(alpha, steps, f"run_attack({name})")
 
-    device = _model_device(model)
+    device = model_device(model)
     total = x.shape[0]
     preds = torch.empty(total, dtype=torch.long)
     with frozen_eval(model):
@@ -357,7 +357,7 @@ def autoattack_predictions(
         wanted = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"autoattack: invalid device {device!r}") from exc
-    dev = _model_device(model)
+    dev = model_device(model)
     if not _same_device(dev, wanted):
         raise ValueError(f"autoattack: the model is on {dev} but device is {wanted}; move the model first")
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ferd.attacks import frozen_eval, margin, pgd
+from ferd.attacks import frozen_eval, margin, model_device, pgd
 from ferd.config import FaeConfig
 from ferd.fae import synthesize_epoch
 from ferd.runtime import Progress, no_progress
@@ -80,14 +80,6 @@ class ProbeResult:
     per_class_agreement: Tensor
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def probe_teacher(
     teacher: nn.Module,
     x: Tensor,
@@ -112,7 +104,7 @@ def probe_teacher(
         raise ValueError(f"probe_teacher: batch_size must be >= 1, got {batch_size}")
     y = y.detach().to(torch.long).cpu()
     n = y.numel()
-    device = _model_device(teacher)
+    device = model_device(teacher)
     margins = torch.empty(n, dtype=torch.float32)
     clean_pred = torch.empty(n, dtype=torch.long)
     adv_pred = torch.empty(n, dtype=torch.long)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ferd.attacks import frozen_eval
+from ferd.attacks import frozen_eval, model_device, project
 from ferd.config import UtaeConfig
 from ferd.runtime import Progress, no_progress
 
@@ -39,19 +39,6 @@ __all__ = [
     "target_histogram",
     "utae_objective",
 ]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-    """Onto B∞(x, eps) ∩ [0, 1]."""
-    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
 def utae_objective(target_logits: Tensor, logits: Tensor, gamma: float) -> Tensor:
@@ -101,14 +88,14 @@ def craft_utae(
     else:
         noise = torch.randn(x_f.shape, generator=generator, dtype=x_f.dtype, device="cpu").to(x_f.device)
         x_u = x_f + init_noise * noise
-    x_u = _project(x_u, x_f, eps)
+    x_u = project(x_u, x_f, eps)
     with frozen_eval(model):
         for _ in range(steps):
             x_u = x_u.detach().requires_grad_(True)
             with torch.enable_grad():
                 obj = utae_objective(target, model(x_u), gamma).sum()
                 (grad,) = torch.autograd.grad(obj, [x_u])
-            x_u = _project(x_u.detach() + alpha * grad.sign(), x_f, eps)
+            x_u = project(x_u.detach() + alpha * grad.sign(), x_f, eps)
     return x_u.detach()
 
 
@@ -121,7 +108,7 @@ def attacked_classes(model: nn.Module, x_u: Tensor, y_ref: Tensor, *, batch_size
     """
     if y_ref.shape != x_u.shape[:1]:
         raise ValueError(f"attacked_classes: y_ref must have shape [{x_u.shape[0]}], got {tuple(y_ref.shape)}")
-    device = _model_device(model)
+    device = model_device(model)
     out = torch.empty(x_u.shape[0], dtype=torch.long)
     with frozen_eval(model):
         for i in range(0, x_u.shape[0], batch_size):
@@ -196,7 +183,7 @@ def generate_utae_set(
         raise ValueError("generate_utae_set: x holds no images")
     if batch_size < 1:
         raise ValueError(f"generate_utae_set: batch_size must be >= 1, got {batch_size}")
-    device = _model_device(teacher)
+    device = model_device(teacher)
     n = x.shape[0]
     alpha = cfg.step_size * eps
     delta = torch.empty(x.shape, dtype=torch.float32)

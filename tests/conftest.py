@@ -18,6 +18,17 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tests use tiny tensors: one intra-op thread is faster and avoids OpenMP stalls on a busy 2-core box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_params(**sections: dict) -> dict:
     """A params mapping for the synthetic 4-class 1x16x16 dataset and a width-4 CNN teacher."""
     params = {
@@ -39,7 +50,10 @@ def tiny_params(**sections: dict) -> dict:
             "augment_pad": 1, "shadow_width": 4, "shadow_steps": 2,
         },
         "utae": {"gamma": 0.3, "steps": 2},
-        "distill": {"schedule": "staged", "arch": "cnn", "width": 4, "steps": 3, "batch_size": 16, "holdout_per_class": 1, "augment_pad": 1},
+        "distill": {
+            "schedule": "staged", "arch": "cnn", "width": 4, "steps": 3, "batch_size": 16, "holdout_per_class": 1,
+            "augment_pad": 1,
+        },
         "evaluate": {
             "batch_size": 64, "pgd_steps": 3, "cw_steps": 3, "autoattack": "fast", "autoattack_per_class": 2,
             "eps_sweep": [0.5, 1.0],

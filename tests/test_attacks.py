@@ -37,15 +37,6 @@ def make_model() -> nn.Sequential:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threading only adds overhead (and thrashes on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(one_thread):
     """A small undefended model trained to high clean accuracy, and held-out test data."""

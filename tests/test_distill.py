@@ -28,14 +28,6 @@ CFG = DistillConfig(steps=3, batch_size=16, holdout_per_class=1, augment_pad=2, 
 UTAE = UtaeConfig(steps=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _net(seed: int, width: int = 4) -> nn.Module:
     torch.manual_seed(seed)
     return build_model("cnn", width=width, num_classes=4, in_channels=1, image_size=16)

@@ -27,14 +27,6 @@ SHAPE = (1, 16, 16)
 LOG_KEYS = {"step", "total", "bn", "adv", "oh", "uni", "teacher_acc", "robust_channels"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_cnn(seed: int, width: int = 4) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model("cnn", width=width, num_classes=C, in_channels=1, image_size=16)

@@ -22,15 +22,6 @@ HEAVY = {"wrn34_10", "wrn34_20"}
 LIGHT = [a for a in ARCHITECTURES if a not in HEAVY]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches: one intra-op thread is faster, and avoids OpenMP stalls on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _build(arch: str, in_channels: int, image_size: int, num_classes: int = 7, **kw) -> FerdNet:
     torch.manual_seed(0)
     return build_model(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kw)

@@ -17,14 +17,6 @@ C = 4
 SHAPE = (1, 16, 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_teacher() -> nn.Module:
     from ferd.models import build_model
 

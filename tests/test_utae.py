@@ -22,14 +22,6 @@ from ferd.utae import (
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return build_model("cnn", width=4, num_classes=4, in_channels=1, image_size=16).eval()
