@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,11 +147,13 @@ def test_cifar10_fixture_loads_without_checksums(tmp_path: Path) -> None:
 
 
 def test_cifar_layout_is_chw_from_rgb_planes(tmp_path: Path) -> None:
-    import pickle
+    from tests.fixtures import _cifar_rows
 
-    folder = write_cifar10_batches(tmp_path, n_per_batch=2)
-    with open(folder / "test_batch", "rb") as f:
-        rows = pickle.load(f)["data"]
+    write_cifar10_batches(tmp_path, n_per_batch=2, seed=0)
+    rng = np.random.default_rng(0)  # replay the writer's draws: 5 train batches, then the test batch
+    for _ in range(5):
+        _cifar_rows(rng, 2)
+    rows = _cifar_rows(rng, 2)
     test = load_split(DataConfig(name="cifar10", root=str(tmp_path), verify_checksums=False), "test")
     # row layout: 1024 R (row-major 32x32), then G, then B
     assert torch.equal(test.x[1], torch.from_numpy(rows[1].reshape(3, 32, 32)))
