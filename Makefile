@@ -31,6 +31,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup data
+	$(BIN)/python benchmarks/bench_stages.py
 	$(BIN)/python benchmarks/bench_evaluate.py
 
 lint: setup

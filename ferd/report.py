@@ -109,11 +109,77 @@ def summary_markdown(models: list[ModelMetrics]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(metrics_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write ``per_class.png`` and ``summary.md`` into ``out_dir``; return the written paths."""
+def write_report(metrics_dir: str | Path, out_dir: str | Path, pool: str | Path | None = None) -> list[Path]:
+    """Write ``per_class.png`` and ``summary.md`` into ``out_dir``; with the synthesis log, the
+    class-weight trajectory (``class_weights.png``); with the pool, a grid of FAEs (``fae_samples.png``).
+    Returns the written paths."""
+    from ferd.artifacts import load_h5
+
     models = load_metrics(metrics_dir)
     out = Path(out_dir)
     figure, summary = out / "per_class.png", out / "summary.md"
     per_class_figure(models, figure)
     write_bytes_atomic(summary, summary_markdown(models).encode())
-    return [figure, summary]
+    written = [figure, summary]
+    synthesis_log = Path(metrics_dir) / "synthesis.csv"
+    if synthesis_log.is_file():
+        rows = load_csv(synthesis_log)
+        if rows:
+            class_weight_figure(rows, models[0].classes, out / "class_weights.png")
+            written.append(out / "class_weights.png")
+    if pool is not None and Path(pool).is_file():
+        arrays, attrs = load_h5(pool, kind="pool", required=("x", "y"))
+        fae_grid_figure(arrays["x"], arrays["y"], list(attrs["class_names"]), out / "fae_samples.png")
+        written.append(out / "fae_samples.png")
+    return written
+
+
+def fae_grid_figure(pool_x: Any, pool_y: Any, class_names: list[str], path: str | Path, per_class: int = 8) -> None:
+    """A grid of pool images: one row per class (the first ``per_class`` of each), for a look at the FAEs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(class_names), per_class, figsize=(per_class * 0.9, len(class_names) * 0.95),
+                             squeeze=False)
+    for c, name in enumerate(class_names):
+        idx = np.flatnonzero(np.asarray(pool_y) == c)[:per_class]
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(idx):
+                img = np.asarray(pool_x[idx[j]]).transpose(1, 2, 0)
+                ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.axis("off")
+        axes[c, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle("Fairness-aware examples in the pool (one row per sampled label)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+
+
+def class_weight_figure(rows: list[dict[str, str]], class_names: list[str], path: str | Path) -> None:
+    """The class proportions p each synthesis epoch sampled from (``metrics/synthesis.csv``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(float(r["epoch"])) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name in class_names:
+        ax.plot(epochs, [float(r[f"p_{name}"]) for r in rows], marker="o", markersize=3, label=name)
+    ax.set_xlabel("synthesis epoch")
+    ax.set_ylabel("class proportion p")
+    ax.set_title("Class proportions per synthesis epoch (reweighting)", fontsize=10, loc="left")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncols=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)

@@ -139,3 +139,14 @@ def test_cached_utae_init(staged, tmp_path, monkeypatch):
     result = runner.invoke(app, ["--params", str(params), "distill", "--out", str(out), "--log", str(tmp_path / "d.csv")])
     assert result.exit_code == 0, result.output
     assert out.is_file()
+
+
+def test_report_adds_class_weights_and_fae_grid(staged, monkeypatch):
+    monkeypatch.chdir(staged)
+    metrics = staged / "metrics"
+    (metrics / "teacher.json").write_bytes((metrics / "student.json").read_bytes())  # the report wants >= 1 model
+    (metrics / "teacher_per_class.csv").write_bytes((metrics / "student_per_class.csv").read_bytes())
+    result = runner.invoke(app, ["report"])
+    assert result.exit_code == 0, result.output
+    for name in ("per_class.png", "summary.md", "class_weights.png", "fae_samples.png"):
+        assert (staged / "reports" / name).read_bytes()[:4] in (b"\x89PNG", b"# fe"), name
