@@ -51,10 +51,4 @@ def soft_label_loss(kind: str, teacher_logits: Tensor, student_logits: Tensor, t
     raise ValueError(f"unknown soft-label loss {kind!r}")
 
 
-def entropy(logits: Tensor) -> Tensor:
-    """Per-sample prediction entropy (nats)."""
-    log_p = F.log_softmax(logits, dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1)
-
-
-__all__ = ["entropy", "ikl", "kl_div", "soft_label_loss", "uniform_kl"]
+__all__ = ["ikl", "kl_div", "soft_label_loss", "uniform_kl"]

@@ -240,7 +240,7 @@ def import_checkpoint(params: Params, *, work_dir: Path) -> tuple[dict[str, Any]
     src = params.teacher.source
     kind, _, ref = src.partition(":")
     if kind == "file":
-        path = Path(ref.removeprefix("//") if ref.startswith("//") else ref)
+        path = Path(ref.removeprefix("//"))  # file:PATH and file:///abs/path
         digest = sha256_file(path) if path.is_file() else ""
         if params.teacher.sha256 and digest != params.teacher.sha256:
             raise SourceError(f"{path}: sha256 is {digest}, expected {params.teacher.sha256} (teacher.sha256)")

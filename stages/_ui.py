@@ -193,3 +193,16 @@ def load_teacher(params: Any, path: Path, device: Any) -> tuple[Any, dict, Any]:
     model, meta = load_model(path, device=device, produced_by="fetch-teacher")
     require_compatible(meta, path, num_classes=info.num_classes, image_shape=info.image_shape, what=info.name)
     return model, meta, info
+
+
+def load_pool(path: Path, info: Any, required: tuple[str, ...]) -> tuple[dict, dict]:
+    """The FAE pool, checked against the teacher's classes and image shape: (arrays, attrs)."""
+    from ferd.artifacts import load_h5
+    from ferd.errors import ArtifactError
+
+    arrays, attrs = load_h5(path, kind="pool", required=required, produced_by="synth-fae")
+    shape = list(arrays["x"].shape[1:])
+    if attrs.get("num_classes") != info.num_classes or shape != list(info.image_shape):
+        raise ArtifactError(f"{path}: pool of {attrs.get('num_classes')} classes of {shape} images does not match the "
+                            f"teacher ({info.num_classes} of {list(info.image_shape)}); rerun `ferd synth-fae`")
+    return arrays, attrs

@@ -11,7 +11,17 @@ from typing import Annotated
 
 import typer
 
-from stages._ui import RichProgress, console, handles_errors, load_stage_params, load_teacher, print_config, setup_torch, timed
+from stages._ui import (
+    RichProgress,
+    console,
+    handles_errors,
+    load_pool,
+    load_stage_params,
+    load_teacher,
+    print_config,
+    setup_torch,
+    timed,
+)
 
 SECTIONS = ("seed", "data", "fae", "probe", "reweight", "utae", "distill")
 LOG_COLUMNS = ("epoch", "lr", "loss", "loss_clean", "loss_adv", "pool_size", "holdout_clean_acc", "holdout_pgd_acc",
@@ -39,10 +49,7 @@ def command(
     device = setup_torch(params, "distill")
     print_config("distill", params, SECTIONS, device)
     model, _meta, info = load_teacher(params, teacher, device)
-    arrays, attrs = load_h5(pool, kind="pool", required=("x", "y", "epoch", "p_history", "p_next"), produced_by="synth-fae")
-    if attrs.get("num_classes") != info.num_classes or list(arrays["x"].shape[1:]) != list(info.image_shape):
-        raise ArtifactError(f"{pool}: pool of {attrs.get('num_classes')} classes of {list(arrays['x'].shape[1:])} images "
-                            f"does not match the teacher; rerun `ferd synth-fae`")
+    arrays, attrs = load_pool(pool, info, required=("x", "y", "epoch", "p_history", "p_next"))
     if attrs.get("schedule") != params.distill.schedule:
         raise ArtifactError(f"{pool}: made for the {attrs.get('schedule')} schedule, distill.schedule is "
                             f"{params.distill.schedule}; rerun `ferd synth-fae`")

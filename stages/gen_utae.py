@@ -13,7 +13,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stages._ui import RichProgress, console, handles_errors, load_stage_params, load_teacher, print_config, setup_torch, timed
+from stages._ui import (
+    RichProgress,
+    console,
+    handles_errors,
+    load_pool,
+    load_stage_params,
+    load_teacher,
+    print_config,
+    setup_torch,
+    timed,
+)
 
 SECTIONS = ("seed", "data", "utae")
 
@@ -31,7 +41,7 @@ def command(
     """Craft the uniform-target adversarial example of every pool image against the teacher."""
     import torch
 
-    from ferd.artifacts import load_h5, save_csv, save_h5
+    from ferd.artifacts import save_csv, save_h5
     from ferd.config import as_dict
     from ferd.errors import ArtifactError
     from ferd.runtime import torch_generator
@@ -41,11 +51,8 @@ def command(
     device = setup_torch(params, "gen-utae")
     print_config("gen-utae", params, SECTIONS, device)
     model, _meta, info = load_teacher(params, teacher, device)
-    arrays, attrs = load_h5(pool, kind="pool", required=("x", "y", "epoch"), produced_by="synth-fae")
+    arrays, _attrs = load_pool(pool, info, required=("x", "y", "epoch"))
     x = torch.as_tensor(arrays["x"])
-    if list(x.shape[1:]) != list(info.image_shape) or attrs.get("num_classes") != info.num_classes:
-        raise ArtifactError(f"{pool}: pool of {attrs.get('num_classes')} classes of {list(x.shape[1:])} images does not "
-                            f"match the teacher ({info.num_classes} of {list(info.image_shape)}); rerun `ferd synth-fae`")
     if len(x) == 0:
         raise ArtifactError(f"{pool}: the pool is empty (interleaved schedule with fae.warmup 0?); nothing to attack")
     with timed("gen-utae"), RichProgress() as progress:
