@@ -112,6 +112,7 @@ class TeacherConfig:
     """Where the robust teacher comes from and how it is built."""
 
     source: str = "train"  # train | file:PATH | url:URL | robustbench:MODEL_ID
+    seed: int = rng(0, ge=0)  # the teacher's own seed, apart from the run seed: seeds of a comparison share one teacher
     sha256: str = ""  # required for url: sources, checked for file: when given
     arch: ArchName = "cnn"
     width: int = rng(16, ge=1)  # width of the small CNN (ignored by the fixed architectures)
@@ -244,6 +245,7 @@ class EvaluateConfig:
     ``fast`` is the cheaper, clearly named APGD-CE + APGD-T subset of the same implementation.
     """
 
+    seed: int = rng(0, ge=0)  # the evaluation's own seed (subsets, random starts): every run is attacked alike
     batch_size: int = rng(256, ge=1)
     per_class: int = rng(0, ge=0)  # class-balanced cap for clean/FGSM/PGD/CW; 0 = full test split
     pgd_steps: int = rng(20, ge=1)

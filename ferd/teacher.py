@@ -278,7 +278,7 @@ def fetch_teacher(params: Params, *, device: Any, work_dir: Path, progress: Prog
     if len(mean) not in (1, c):
         raise SourceError(f"teacher.mean has {len(mean)} values; {info.name} images have {c} channels")
     mean, std = (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
-    torch.manual_seed(params.seed)
+    torch.manual_seed(tcfg.seed)
     model = build_model(
         tcfg.arch, num_classes=info.num_classes, in_channels=c, image_size=h, mean=mean, std=std, width=tcfg.width
     )
@@ -287,7 +287,7 @@ def fetch_teacher(params: Params, *, device: Any, work_dir: Path, progress: Prog
     if tcfg.source == "train":
         train = load_split(params.data, "train")
         log = train_adversarially(
-            model, train, tcfg.train, eps=params.data.eps, seed=params.seed, device=device, progress=progress
+            model, train, tcfg.train, eps=params.data.eps, seed=tcfg.seed, device=device, progress=progress
         )
     else:
         raw, source_sha = import_checkpoint(params, work_dir=work_dir)
@@ -299,9 +299,9 @@ def fetch_teacher(params: Params, *, device: Any, work_dir: Path, progress: Prog
         from ferd.data import class_balanced_subset
 
         per_class = max(1, tcfg.eval_subset // info.num_classes)
-        test = class_balanced_subset(test, per_class, seed=params.seed)
+        test = class_balanced_subset(test, per_class, seed=tcfg.seed)
     check = robustness_check(
-        model, test, eps=params.data.eps, steps=tcfg.eval_pgd_steps, batch_size=256, seed=params.seed,
+        model, test, eps=params.data.eps, steps=tcfg.eval_pgd_steps, batch_size=256, seed=tcfg.seed,
         device=device, progress=progress,
     )
     meta = model_meta(
@@ -316,7 +316,7 @@ def fetch_teacher(params: Params, *, device: Any, work_dir: Path, progress: Prog
         class_names=list(info.class_names),
         source_sha256=source_sha,
         eps=params.data.eps,
-        seed=params.seed,
+        seed=tcfg.seed,
         teacher_params=as_dict(tcfg),
         check=check,
         train_log=log,

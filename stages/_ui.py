@@ -99,11 +99,11 @@ def load_stage_params(ctx: typer.Context, sections: tuple[str, ...]) -> Any:
     return DeclaredParams(load_params(opts.params, overrides), sections)
 
 
-def setup_torch(params: Any, stage: str) -> Any:
-    """Threads, global seed, device; returns the torch.device."""
+def setup_torch(params: Any, stage: str, seed: int | None = None) -> Any:
+    """Threads, torch's global seed (the run ``seed`` unless the stage has its own), device; returns the torch.device."""
     from ferd.runtime import configure_torch, resolve_device
 
-    configure_torch(params.runtime.threads, params.seed, stage)
+    configure_torch(params.runtime.threads, params.seed if seed is None else seed, stage)
     return resolve_device(params.runtime.device)
 
 

@@ -1,4 +1,4 @@
-"""``ferd evaluate``: clean / FGSM / PGD / CW / AutoAttack accuracy per class (params: seed, data, evaluate)."""
+"""``ferd evaluate``: clean / FGSM / PGD / CW / AutoAttack accuracy per class (params: data, evaluate; its seed is evaluate.seed)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.table import Table
 
 from stages._ui import RichProgress, console, handles_errors, load_stage_params, print_config, setup_torch, timed
 
-SECTIONS = ("seed", "data", "evaluate")
+SECTIONS = ("data", "evaluate")
 COLUMNS = ("clean", "fgsm", "pgd", "cw", "autoattack")
 PRODUCED_BY = {"teacher": "fetch-teacher", "student": "distill"}
 
@@ -28,7 +28,7 @@ def command(
     from ferd.evaluate import evaluate_model
 
     params = load_stage_params(ctx, SECTIONS)
-    device = setup_torch(params, f"evaluate-{name}")
+    device = setup_torch(params, f"evaluate-{name}", seed=params.evaluate.seed)
     print_config(f"evaluate ({name})", params, SECTIONS, device)
     path = model or Path("data") / name / f"{name}.safetensors"
     net, meta = load_model(path, device=device, produced_by=PRODUCED_BY.get(name))
@@ -36,7 +36,7 @@ def command(
     require_compatible(meta, path, num_classes=info.num_classes, image_shape=info.image_shape, what=info.name)
     test = load_split(params.data, "test")
     with timed(f"evaluate ({name})"), RichProgress() as progress:
-        result = evaluate_model(net, test, params.evaluate, eps=params.data.eps, seed=params.seed, progress=progress)
+        result = evaluate_model(net, test, params.evaluate, eps=params.data.eps, seed=params.evaluate.seed, progress=progress)
     columns = ["class", "name", *[c for c in COLUMNS if c in result.per_class]]
     save_json(metrics_dir / f"{name}.json", result.flat_metrics())
     save_csv(metrics_dir / f"{name}_per_class.csv", result.per_class_rows(), columns)

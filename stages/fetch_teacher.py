@@ -1,4 +1,4 @@
-"""``ferd fetch-teacher``: train or import the robust teacher (params: seed, data, teacher)."""
+"""``ferd fetch-teacher``: train or import the robust teacher (params: data, teacher; its seed is teacher.seed)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.table import Table
 
 from stages._ui import RichProgress, console, handles_errors, load_stage_params, print_config, setup_torch, timed
 
-SECTIONS = ("seed", "data", "teacher")
+SECTIONS = ("data", "teacher")
 
 
 @handles_errors
@@ -23,7 +23,7 @@ def command(
     from ferd.teacher import fetch_teacher
 
     params = load_stage_params(ctx, SECTIONS)
-    device = setup_torch(params, "fetch-teacher")
+    device = setup_torch(params, "fetch-teacher", seed=params.teacher.seed)
     print_config("fetch-teacher", params, SECTIONS, device)
     with timed("fetch-teacher"), RichProgress() as progress:
         result = fetch_teacher(params, device=device, work_dir=out.parent, progress=progress)
