@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 # dvc.yaml's commands call `ferd`: put the venv first on PATH for everything make runs.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: all setup data run report test lint bench
+.PHONY: all setup data run report compare preset test lint bench
 
 all: run
 
@@ -26,6 +26,16 @@ run: setup data
 
 report: setup
 	$(BIN)/ferd report
+
+# FERD vs its ablations and the baselines, 3 seeds each, as dvc experiments; table in reports/compare.md.
+compare: setup data
+	$(BIN)/ferd compare --run
+
+# A paper setting from configs/ (make preset PRESET=cifar10-resnet18): writes params.yaml, runs the pipeline.
+preset: setup
+	@test -n "$(PRESET)" || { echo "error: name a preset: make preset PRESET=NAME (ferd preset --list)" >&2; exit 1; }
+	$(BIN)/ferd preset $(PRESET)
+	$(BIN)/dvc repro
 
 test: setup
 	$(BIN)/python -m pytest -q

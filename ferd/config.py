@@ -223,7 +223,10 @@ class DistillConfig:
     lr: float = rng(0.1, gt=0.0)
     momentum: float = rng(0.9, ge=0.0, lt=1.0)
     weight_decay: float = rng(5e-4, ge=0.0)
-    loss: Literal["kl", "ikl"] = "kl"  # KL form (project default) or the full IKL/DKL
+    loss: Literal["kl", "ikl", "ce_hard"] = "kl"  # KL form (project default), the full IKL/DKL, or DFHL's hard-label CE
+    adversary: Literal["utae", "pgd", "hee"] = "utae"  # UTAE (FERD), plain PGD (DFKD baselines), HEE (DFHL); §8
+    hee_steps: int = rng(10, ge=1)  # DFHL's high-entropy examples: signed steps of hee_step_size, no eps-ball
+    hee_step_size: float = rng(0.03, gt=0.0)
     lambda_clean: float = rng(5 / 6, ge=0.0)
     lambda_adv: float = rng(1 / 6, ge=0.0)
     ikl_temperature: float = rng(100.0, gt=0.0)  # T2 of the IKL weights softmax(t / T2)
@@ -232,6 +235,11 @@ class DistillConfig:
     holdout_per_class: int = rng(10, ge=0)  # pool images per class held out for the synthetic PGD curve
     augment_pad: int = rng(2, ge=0)
     augment_flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.utae_init == "cached" and self.adversary != "utae":
+            raise ConfigError(f"distill.utae_init: 'cached' starts from gen-utae's UTAEs, which distill.adversary "
+                              f"{self.adversary!r} does not use; set distill.utae_init: noise")
 
 
 AutoAttackVersion = Literal["standard", "fast", "off"]

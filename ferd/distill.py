@@ -3,7 +3,8 @@
 Per student step (§3 C): sample a batch x_F uniformly from the eligible pool, augment it (random
 shift, optional flip), take the frozen teacher's clean logits t = T(x_F), craft UTAEs x_U against
 the **current student** (§2.5, :func:`ferd.utae.craft_utae`, the reference code / RSLAD convention;
-§9 #3), and take one SGD step on (§2.6, project default §9 #4)::
+§9 #3; ``distill.adversary`` swaps in the baselines' plain PGD or DFHL's high-entropy examples, see
+:mod:`ferd.adversaries`), and take one SGD step on (§2.6, project default §9 #4)::
 
     L_stu = λ1 · L(T(x_F), S(x_F)) + λ2 · L(T(x_F), S(x_U)),   L = KL (default) or IKL/DKL
 
@@ -31,13 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ferd.adversaries import craft_adversary, needs_teacher_on_adversary
 from ferd.attacks import frozen_eval, run_attack
 from ferd.augment import apply_augment, augment_params
 from ferd.config import DistillConfig, UtaeConfig
 from ferd.errors import FerdError
 from ferd.losses import soft_label_loss
 from ferd.runtime import Progress, no_progress, torch_generator
-from ferd.utae import craft_utae
 
 __all__ = [
     "LOG_COLUMNS",
@@ -71,12 +72,17 @@ HOLDOUT_PGD_STEPS = 10
 
 
 def student_loss(
-    teacher_logits_clean: Tensor, s_clean: Tensor, s_adv: Tensor, cfg: DistillConfig
+    teacher_logits_clean: Tensor, s_clean: Tensor, s_adv: Tensor, cfg: DistillConfig, teacher_logits_adv: Tensor | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``λ1·L(T(x_F), S(x_F)) + λ2·L(T(x_F), S(x_U))`` (§2.6); parts ``loss``, ``loss_clean``, ``loss_adv`` (detached)."""
+    """``λ1·L(T(x_F), S(x_F)) + λ2·L(T(x_F), S(x_U))`` (§2.6); parts ``loss``, ``loss_clean``, ``loss_adv`` (detached).
+
+    ``teacher_logits_adv`` replaces T(x_F) as the adversarial term's target (DFHL's HEEs are labelled
+    by the teacher's answer on the HEE itself, §8).
+    """
     t = teacher_logits_clean.detach()
+    t_adv = t if teacher_logits_adv is None else teacher_logits_adv.detach()
     clean = soft_label_loss(cfg.loss, t, s_clean, cfg.ikl_temperature)
-    adv = soft_label_loss(cfg.loss, t, s_adv, cfg.ikl_temperature)
+    adv = soft_label_loss(cfg.loss, t_adv, s_adv, cfg.ikl_temperature)
     loss = cfg.lambda_clean * clean + cfg.lambda_adv * adv
     return loss, {"loss": loss.detach(), "loss_clean": clean.detach(), "loss_adv": adv.detach()}
 
@@ -263,7 +269,6 @@ def train_student(
         log = [dict(row) for row in state.log]
         start_k = state.epoch + 1
 
-    alpha = utae.step_size * eps
     total_steps = student_epochs * cfg.steps
     last = state
     with frozen_eval(teacher):
@@ -292,15 +297,18 @@ def train_student(
                     t = teacher(x_f)
                 if cached:
                     start = apply_augment((x_raw + cached_delta[b].to(x_raw.dtype)).clamp(0.0, 1.0), cfg.augment_pad, aug)
-                    x_u = craft_utae(student, x_f, t, eps=eps, alpha=alpha, steps=cfg.cached_steps, gamma=utae.gamma,
-                                     init_noise=utae.init_noise, generator=gens["utae"], start=start.to(device))
+                    x_u = craft_adversary(student, x_f, t, cfg, utae, eps=eps, generator=gens["utae"],
+                                          start=start.to(device), steps=cfg.cached_steps)
                 else:
-                    x_u = craft_utae(student, x_f, t, eps=eps, alpha=alpha, steps=utae.steps, gamma=utae.gamma,
-                                     init_noise=utae.init_noise, generator=gens["utae"])
+                    x_u = craft_adversary(student, x_f, t, cfg, utae, eps=eps, generator=gens["utae"])
+                t_adv = None
+                if needs_teacher_on_adversary(cfg.adversary):
+                    with torch.no_grad():
+                        t_adv = teacher(x_u)
                 student.train()
                 s_clean = student(x_f)
                 s_adv = student(x_u)
-                loss, parts = student_loss(t, s_clean, s_adv, cfg)
+                loss, parts = student_loss(t, s_clean, s_adv, cfg, t_adv)
                 if not bool(torch.isfinite(loss)):
                     bad = next((n for n in ("loss_clean", "loss_adv") if not bool(torch.isfinite(parts[n]))), "loss")
                     raise FerdError(f"distill: non-finite {bad} ({float(parts[bad])}) at epoch {epoch}, step {step}; "
@@ -311,7 +319,8 @@ def train_student(
                 with torch.no_grad():
                     t_pred = t.argmax(dim=1)
                     sums["agree"] += float((s_clean.argmax(dim=1) == t_pred).float().sum())
-                    sums["agree_adv"] += float((s_adv.argmax(dim=1) == t_pred).float().sum())
+                    t_pred_adv = t_pred if t_adv is None else t_adv.argmax(dim=1)
+                    sums["agree_adv"] += float((s_adv.argmax(dim=1) == t_pred_adv).float().sum())
                 for name in ("loss", "loss_clean", "loss_adv"):
                     sums[name] += float(parts[name])
                 seen += x_f.shape[0]

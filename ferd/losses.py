@@ -43,7 +43,9 @@ def ikl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 100
 
 
 def soft_label_loss(kind: str, teacher_logits: Tensor, student_logits: Tensor, temperature: float = 100.0) -> Tensor:
-    """The student loss term selected by ``distill.loss``: ``kl`` or ``ikl``."""
+    """The student loss term selected by ``distill.loss``: ``kl``, ``ikl`` or ``ce_hard`` (DFHL, §8)."""
+    if kind == "ce_hard":
+        return hard_label_ce(teacher_logits, student_logits)
     if kind == "kl":
         return kl_div(teacher_logits, student_logits)
     if kind == "ikl":
@@ -51,4 +53,9 @@ def soft_label_loss(kind: str, teacher_logits: Tensor, student_logits: Tensor, t
     raise ValueError(f"unknown soft-label loss {kind!r}")
 
 
-__all__ = ["ikl", "kl_div", "soft_label_loss", "uniform_kl"]
+def hard_label_ce(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """DFHL's student loss (§8): mean cross-entropy of the student on the teacher's top-1 label."""
+    return F.cross_entropy(student_logits, teacher_logits.detach().argmax(dim=1))
+
+
+__all__ = ["hard_label_ce", "ikl", "kl_div", "soft_label_loss", "uniform_kl"]

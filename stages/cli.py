@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from stages import distill, evaluate, fetch_teacher, gen_utae, info, probe, report, reweight, synth_fae
+from stages import compare, distill, evaluate, fetch_teacher, gen_utae, info, preset, probe, report, reweight, synth_fae
 from stages._ui import GlobalOptions
 
 app = typer.Typer(
@@ -61,3 +61,5 @@ for _name, _module in STAGE_MODULES.items():
     app.command(_name, rich_help_panel=STAGES)(_module.command)
 app.command("report", rich_help_panel=TOOLS)(report.command)
 app.command("info", rich_help_panel=TOOLS)(info.command)
+app.command("compare", rich_help_panel=TOOLS)(compare.command)
+app.command("preset", rich_help_panel=TOOLS)(preset.command)

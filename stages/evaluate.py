@@ -1,4 +1,4 @@
-"""``ferd evaluate``: clean / FGSM / PGD / CW / AutoAttack accuracy per class (params: data, evaluate; its seed is evaluate.seed)."""
+"""``ferd evaluate``: clean / FGSM / PGD / CW / AutoAttack accuracy per class (params: data, evaluate; seed: evaluate.seed)."""
 
 from __future__ import annotations
 

@@ -237,14 +237,16 @@ def test_cached_init_starts_from_the_cached_perturbation(monkeypatch):
     pool.x.mul_(0.6).add_(0.2)  # in [0.2, 0.8]: x + delta needs no clamping
     delta = torch.full_like(pool.x, EPS / 2)
     seen = []
-    real = distill.craft_utae
+    import ferd.adversaries as adversaries
+
+    real = adversaries.craft_utae
 
     def spy(model, x_f, target, **kw):
         out = real(model, x_f, target, **kw)
         seen.append((x_f, kw["start"], kw["steps"], out))
         return out
 
-    monkeypatch.setattr(distill, "craft_utae", spy)
+    monkeypatch.setattr(adversaries, "craft_utae", spy)
     cfg = replace(CFG, utae_init="cached", cached_steps=2, augment_pad=2)
     _train(pool, cfg=cfg, cached_delta=delta, total_epochs=2, warmup=1)
     assert len(seen) == cfg.steps

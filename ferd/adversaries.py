@@ -1,0 +1,83 @@
+"""The student's training-time adversarial examples, selected by ``distill.adversary``.
+
+- ``utae`` (FERD, §2.5): :func:`ferd.utae.craft_utae` against the current student; with
+  ``utae.gamma = 0`` it is RSLAD's inner maximisation, KL(T(x_F) ‖ S(x')) by PGD.
+- ``pgd`` (the adapted DFKD baselines, method reference §8): standard L∞ PGD on the student's
+  cross-entropy with the teacher's top-1 label of x_F, random start, ``utae.steps`` steps of
+  ``utae.step_size · eps``.
+- ``hee`` (DFHL, §8): High-Entropy Examples: ``distill.hee_steps`` signed-gradient steps of absolute
+  size ``distill.hee_step_size`` that raise the student's prediction entropy, with **no ε-ball**
+  (only [0, 1]), as in DFHL-RS. They can change class, so the distillation target of an HEE is the
+  teacher's output on the HEE itself (see :func:`needs_teacher_on_adversary`).
+
+Every adversary uses the student frozen in eval mode (restored afterwards) and returns a detached
+tensor on ``x_f``'s device; randomness comes only from the CPU ``generator``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ferd.attacks import frozen_eval, pgd
+from ferd.utae import craft_utae
+
+__all__ = ["craft_adversary", "craft_hee", "needs_teacher_on_adversary", "prediction_entropy"]
+
+
+def prediction_entropy(logits: Tensor) -> Tensor:
+    """Per-sample entropy (nats) of ``softmax(logits)``."""
+    logp = F.log_softmax(logits, dim=1)
+    return -(logp.exp() * logp).sum(dim=1)
+
+
+def craft_hee(model: nn.Module, x: Tensor, *, steps: int, step_size: float) -> Tensor:
+    """DFHL's High-Entropy Examples: ``x ← clip(x + step_size · sign(∇_x H(softmax(model(x)))), 0, 1)``."""
+    if steps < 0 or not step_size > 0:
+        raise ValueError(f"craft_hee: need steps >= 0 and step_size > 0 (got {steps}, {step_size})")
+    x_h = x.detach().clone()
+    with frozen_eval(model):
+        for _ in range(steps):
+            x_h.requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(prediction_entropy(model(x_h)).sum(), [x_h])
+            x_h = (x_h.detach() + step_size * grad.sign()).clamp_(0.0, 1.0)
+    return x_h.detach()
+
+
+def needs_teacher_on_adversary(adversary: str) -> bool:
+    """True when the adversarial term's target is T(x_adv) rather than T(x_F) (HEEs leave the ε-ball)."""
+    return adversary == "hee"
+
+
+def craft_adversary(
+    student: nn.Module,
+    x_f: Tensor,
+    teacher_logits: Tensor,
+    cfg: Any,
+    utae: Any,
+    *,
+    eps: float,
+    generator: torch.Generator | None,
+    start: Tensor | None = None,
+    steps: int | None = None,
+) -> Tensor:
+    """The training-time adversarial batch for ``cfg.adversary`` (``cfg``: DistillConfig, ``utae``: UtaeConfig).
+
+    ``start`` and ``steps`` (the cached-UTAE path) apply to ``utae`` only.
+    """
+    alpha = utae.step_size * eps
+    if cfg.adversary == "utae":
+        return craft_utae(student, x_f, teacher_logits, eps=eps, alpha=alpha, steps=utae.steps if steps is None else steps,
+                          gamma=utae.gamma, init_noise=utae.init_noise, generator=generator, start=start)
+    if start is not None:
+        raise ValueError(f"craft_adversary: a cached start only applies to distill.adversary 'utae', not {cfg.adversary!r}")
+    if cfg.adversary == "pgd":
+        labels = teacher_logits.argmax(dim=1)
+        return pgd(student, x_f, labels, eps=eps, alpha=alpha, steps=utae.steps, generator=generator)
+    if cfg.adversary == "hee":
+        return craft_hee(student, x_f, steps=cfg.hee_steps, step_size=cfg.hee_step_size)
+    raise ValueError(f"unknown distill.adversary {cfg.adversary!r}")

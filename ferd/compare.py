@@ -1,0 +1,336 @@
+"""The comparison of method variants over seeds: plan the experiments, run them, tabulate the results.
+
+An experiment is one ``dvc exp run -n <variant>-s<seed>`` of the whole pipeline with the variant's
+switches (:mod:`ferd.variants`), the comparison setting (``configs/compare.yaml``: the budget every
+variant shares) and ``seed``. The teacher has its own ``teacher.seed`` and the evaluation its own
+``evaluate.seed``, so DVC's run cache trains and evaluates the teacher once for the whole comparison,
+and variants whose synthesis params agree (same seed) share the synthesised pool.
+
+The table: for every variant, mean ± sample standard deviation over its seeds of each run's
+clean / PGD-20 / AutoAttack average accuracy, worst-class accuracy and NSD, read from the student's
+``metrics/student.json`` of every experiment in ``dvc exp show --json``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferd.errors import ConfigError, FerdError
+from ferd.variants import VARIANTS, set_flags, variant
+
+__all__ = [
+    "ATTACKS",
+    "column_label",
+    "exp_show",
+    "fmt",
+    "run_experiments",
+    "COLUMNS",
+    "Experiment",
+    "Record",
+    "Summary",
+    "experiment_name",
+    "load_setting",
+    "markdown_table",
+    "parse_experiment_name",
+    "plan",
+    "records_from_exp_show",
+    "summarise",
+    "worst_class_chart",
+]
+
+#: The attacks of the table and, per attack, its three statistics (keys of metrics/student.json).
+ATTACKS = ("clean", "pgd", "autoattack")
+COLUMNS = tuple(f"{a}_{s}" for a in ATTACKS for s in ("avg", "worst", "nsd"))
+_NAME = re.compile(r"^(?P<variant>[a-z0-9][a-z0-9-]*?)-s(?P<seed>\d+)$")
+
+
+# --------------------------------------------------------------------------------------------
+# planning
+
+
+def experiment_name(variant_name: str, seed: int) -> str:
+    """``<variant>-s<seed>``, the experiment name the table groups by."""
+    return f"{variant_name}-s{seed}"
+
+
+def parse_experiment_name(name: str) -> tuple[str, int] | None:
+    """``(variant, seed)`` of a comparison experiment name, or None for any other experiment."""
+    m = _NAME.match(name or "")
+    if m is None or m["variant"] not in VARIANTS:
+        return None
+    return m["variant"], int(m["seed"])
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One planned ``dvc exp run``: its name and every ``-S`` override, in order (later wins)."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def command(self, dvc: str = "dvc") -> list[str]:
+        return [dvc, "exp", "run", "-n", self.name, *set_flags(self.overrides)]
+
+
+def load_setting(path: Path | None) -> dict[str, Any]:
+    """The comparison setting: a YAML mapping of dotted params keys to values (validated later, by DVC's run)."""
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"comparison setting {path} not found; pass --setting with an existing YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"{path}: expected a mapping of dotted params keys (e.g. 'fae.epochs: 8') to values")
+    return _flatten(data)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def plan(variants: list[str], seeds: list[int], setting: dict[str, Any], extra: dict[str, Any] | None = None) -> list[Experiment]:
+    """Every (variant, seed) experiment: setting, then the variant's switches, then ``seed``, then ``extra``.
+
+    Ordered seed-major, so a partial comparison has every variant for the first seeds; within a
+    seed the variants that share synthesis run next to each other.
+    """
+    if not variants:
+        raise ConfigError("compare: no variants given")
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"compare: seeds must be distinct non-negative integers, got {seeds}")
+    if "seed" in setting:
+        raise ConfigError("compare: the setting must not fix 'seed'; the comparison sets it per experiment")
+    out = []
+    for seed in seeds:
+        for name in variants:
+            overrides = {**setting, **variant(name).overrides, "seed": seed, **(extra or {})}
+            out.append(Experiment(experiment_name(name, seed), overrides))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# reading results
+
+
+@dataclass(frozen=True)
+class Record:
+    """One finished experiment's student metrics."""
+
+    name: str
+    variant: str
+    seed: int
+    metrics: dict[str, Any]
+
+
+def records_from_exp_show(
+    data: list[dict[str, Any]], metrics_file: str = "metrics/student.json"
+) -> tuple[list[Record], list[str]]:
+    """Records of every successful comparison experiment in ``dvc exp show --json`` output.
+
+    Returns ``(records, problems)``: ``problems`` names each comparison experiment that failed,
+    is still queued or running, or has no metrics (never silently dropped: the caller prints them).
+    """
+    if not isinstance(data, list):
+        raise FerdError("dvc exp show --json: expected a list of baseline commits")
+    records: list[Record] = []
+    problems: list[str] = []
+    for baseline in data:
+        for exp in baseline.get("experiments") or []:
+            name = exp.get("name") or ""
+            parsed = parse_experiment_name(name)
+            if parsed is None:
+                continue
+            revs = exp.get("revs") or []
+            state = (exp.get("executor") or {}).get("state")
+            if not revs or revs[0].get("error") or state in ("failed", "queued", "running"):
+                problems.append(f"{name} ({state or 'failed'})")
+                continue
+            rev = revs[0].get("data") or {}
+            metrics = ((rev.get("metrics") or {}).get(metrics_file) or {}).get("data")
+            if not metrics:
+                problems.append(f"{name} (no {metrics_file})")
+                continue
+            seed = ((rev.get("params") or {}).get("params.yaml") or {}).get("data", {}).get("seed", parsed[1])
+            if seed != parsed[1]:
+                problems.append(f"{name} (its params say seed {seed})")
+                continue
+            records.append(Record(name, parsed[0], parsed[1], dict(metrics)))
+    return records, problems
+
+
+# --------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One variant's row: seeds used, and (mean, sample std) per column (std NaN with one seed)."""
+
+    variant: str
+    seeds: tuple[int, ...]
+    stats: dict[str, tuple[float, float]]
+
+
+def summarise(records: list[Record], columns: tuple[str, ...] = COLUMNS) -> list[Summary]:
+    """Mean ± sample std (n − 1) over seeds per variant, in :data:`VARIANTS` order; NaN where a metric is absent."""
+    rows = []
+    for name in VARIANTS:
+        mine = sorted((r for r in records if r.variant == name), key=lambda r: r.seed)
+        if not mine:
+            continue
+        if len({r.seed for r in mine}) != len(mine):
+            raise FerdError(f"compare: variant {name} has two experiments for one seed; remove the stale one with "
+                            "`dvc exp remove`")
+        stats = {}
+        for col in columns:
+            values = [float(r.metrics[col]) for r in mine if isinstance(r.metrics.get(col), int | float)]
+            mean = statistics.fmean(values) if values else math.nan
+            std = statistics.stdev(values) if len(values) >= 2 else math.nan
+            stats[col] = (mean, std)
+        rows.append(Summary(name, tuple(r.seed for r in mine), stats))
+    return rows
+
+
+def fmt(mean: float, std: float, digits: int = 3) -> str:
+    """``0.512 ± 0.013``; ``0.512`` with one seed; ``–`` when absent."""
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+_ATTACK_LABELS = {"clean": "clean", "pgd": "PGD-20", "autoattack": "AA"}
+
+
+def column_label(col: str) -> str:
+    attack, stat = col.rsplit("_", 1)
+    return f"{_ATTACK_LABELS[attack]} {stat}"
+
+
+def markdown_table(rows: list[Summary], columns: tuple[str, ...] = COLUMNS) -> str:
+    """The comparison as a GitHub markdown table (accuracy in [0, 1]; NSD lower is better)."""
+    lines = ["| variant | seeds | " + " | ".join(column_label(c) for c in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [fmt(*row.stats[c]) for c in columns]
+        lines.append(f"| {row.variant} | {len(row.seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def worst_class_chart(rows: list[Summary], path: Path) -> Path:
+    """Bar chart of worst-class accuracy (clean, PGD-20, AA) per variant, mean with ±std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ferd.artifacts import atomic_path
+
+    names = [r.variant for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.0))
+    width = 0.8 / len(ATTACKS)
+    for i, attack in enumerate(ATTACKS):
+        means = [r.stats[f"{attack}_worst"][0] for r in rows]
+        stds = [0.0 if math.isnan(r.stats[f"{attack}_worst"][1]) else r.stats[f"{attack}_worst"][1] for r in rows]
+        xs = [j + (i - (len(ATTACKS) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=_ATTACK_LABELS[attack])
+    ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
+    ax.set_ylabel("worst-class accuracy")
+    ax.set_title("worst-class accuracy per variant (mean ± std over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# running
+
+
+def _git(*args: str, cwd: Path) -> str:
+    import subprocess
+
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        raise FerdError(f"git {' '.join(args)} failed: {why}")
+    return proc.stdout
+
+
+def exp_show(dvc: str = "dvc", cwd: Path = Path(".")) -> list[dict[str, Any]]:
+    """``dvc exp show --json`` of the repository at ``cwd``."""
+    import json
+    import subprocess
+
+    proc = subprocess.run([dvc, "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        raise FerdError(f"dvc exp show failed: {tail}")
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError as e:
+        raise FerdError(f"dvc exp show --json printed something that is not JSON ({e})") from None
+
+
+# Workspace files an experiment leaves changed; restored from HEAD before each run and at the end.
+_RESTORE = ("params.yaml", "dvc.lock", "metrics")
+
+
+def run_experiments(experiments: list[Experiment], *, dvc: str = "dvc", cwd: Path = Path("."),
+                    echo: Any = print) -> list[str]:
+    """Run each planned experiment in the workspace, one after the other; returns the names it ran.
+
+    Experiments that already finished on this commit are skipped (a stopped comparison continues
+    where it stopped); a failed one of the same name is removed and rerun. Before every run
+    params.yaml, dvc.lock and metrics/ are restored from HEAD, so no experiment inherits another's
+    params; at the end they are restored again, leaving the workspace as committed.
+
+    Why the workspace and not ``dvc exp run --queue``: queued experiments run in temporary copies
+    that hold only git- and DVC-tracked files, and DVC does not check out the data dependencies
+    there (treeverse/dvc#10056, #10744), so the dataset under ``data/raw`` would be missing.
+    Sequential workspace runs share DVC's run cache the same way.
+    """
+    import subprocess
+
+    try:
+        _git("rev-parse", "--verify", "HEAD", cwd=cwd)
+    except FerdError:
+        raise FerdError("compare: dvc exp needs a git repository with at least one commit; commit first") from None
+    existing = {exp.get("name"): exp for base in exp_show(dvc, cwd) for exp in (base.get("experiments") or [])}
+    done, _ = records_from_exp_show(exp_show(dvc, cwd))
+    finished = {r.name for r in done}
+    ran = []
+    try:
+        for i, exp in enumerate(experiments, 1):
+            if exp.name in finished:
+                echo(f"[{i}/{len(experiments)}] {exp.name}: finished already, skipped")
+                continue
+            if exp.name in existing:
+                subprocess.run([dvc, "exp", "remove", exp.name], cwd=cwd, check=False, capture_output=True)
+            _git("checkout", "HEAD", "--", *_RESTORE, cwd=cwd)
+            echo(f"[{i}/{len(experiments)}] {exp.name}: {' '.join(exp.command(dvc)[1:])}")
+            proc = subprocess.run(exp.command(dvc), cwd=cwd, check=False)
+            if proc.returncode != 0:
+                raise FerdError(f"compare: experiment {exp.name} failed (exit {proc.returncode}); fix the error above "
+                                "and rerun: finished experiments are kept")
+            ran.append(exp.name)
+    finally:
+        _git("checkout", "HEAD", "--", *_RESTORE, cwd=cwd)
+    return ran

@@ -1,0 +1,125 @@
+"""``ferd compare``: run the variants × seeds as DVC experiments and tabulate mean ± std over seeds.
+
+``ferd compare --run`` plans one ``dvc exp run -n <variant>-s<seed> -S ...`` per pair (the
+comparison setting, the variant's switches, the seed), runs them one after the other in the
+workspace (finished ones are skipped, so a stopped comparison continues), then writes the table.
+``ferd compare`` alone only reads ``dvc exp show --json`` and writes the table; ``--dry-run``
+prints the commands. ``ferd compare --list`` shows the variants and their switches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from stages._ui import console, handles_errors
+
+DEFAULT_SETTING = Path("configs/compare.yaml")
+
+
+def _ints(text: str) -> list[int]:
+    from ferd.errors import ConfigError
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
+def _sets(items: list[str]) -> dict[str, object]:
+    import yaml
+
+    from ferd.errors import ConfigError
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set: expected KEY=VALUE (e.g. distill.steps=20), got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@handles_errors
+def command(
+    run: Annotated[bool, typer.Option("--run", help="Run the missing experiments first (takes long).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the dvc exp run commands; run nothing.")] = False,
+    list_variants: Annotated[bool, typer.Option("--list", help="List the variants and their switches.")] = False,
+    variants: Annotated[str, typer.Option(help="Comma-separated variants [default: all].")] = "",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    setting: Annotated[Path, typer.Option(help="YAML of params overrides shared by every experiment (the budget).")]
+        = DEFAULT_SETTING,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Extra KEY=VALUE override for every experiment "
+                                                    "(wins over the setting and the variant); repeatable.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for compare.md and compare_worst_class.png.")] = Path("reports"),
+    dvc: Annotated[str, typer.Option(help="The dvc executable.")] = "dvc",
+) -> None:
+    """Compare FERD, its ablations and the baselines over seeds: dvc experiments → table, markdown, PNG."""
+    from ferd.artifacts import write_bytes_atomic
+    from ferd.compare import (
+        COLUMNS,
+        column_label,
+        exp_show,
+        fmt,
+        load_setting,
+        markdown_table,
+        plan,
+        records_from_exp_show,
+        run_experiments,
+        summarise,
+        worst_class_chart,
+    )
+    from ferd.errors import FerdError
+    from ferd.variants import VARIANTS, variant
+
+    if list_variants:
+        _print_variants()
+        return
+    names = [v.strip() for v in variants.split(",") if v.strip()] or list(VARIANTS)
+    for name in names:
+        variant(name)  # a clear error for an unknown name
+    experiments = plan(names, _ints(seeds), load_setting(setting), _sets(set_ or []))
+    if dry_run:
+        for exp in experiments:
+            typer.echo(" ".join(exp.command(dvc)))
+        return
+    if run:
+        run_experiments(experiments, dvc=dvc, echo=console.print)
+
+    records, problems = records_from_exp_show(exp_show(dvc))
+    for problem in problems:
+        console.print(f"[yellow]warning:[/] experiment {problem} is left out of the table")
+    wanted = {e.name for e in experiments}
+    records = [r for r in records if r.name in wanted]
+    if not records:
+        raise FerdError("compare: no finished comparison experiments on this commit; run `ferd compare --run` "
+                        "(or `make compare`) first")
+    rows = summarise(records)
+    table = Table(title="student: mean ± std over seeds (accuracy; NSD lower is better)", title_justify="left")
+    table.add_column("variant")
+    table.add_column("seeds", justify="right")
+    for col in COLUMNS:
+        table.add_column(column_label(col), justify="right")
+    for row in rows:
+        table.add_row(row.variant, str(len(row.seeds)), *[fmt(*row.stats[c]) for c in COLUMNS])
+    console.print(table)
+    md = markdown_table(rows)
+    write_bytes_atomic(out / "compare.md", md.encode())
+    png = worst_class_chart(rows, out / "compare_worst_class.png")
+    console.print(f"wrote {out / 'compare.md'} and {png}")
+
+
+def _print_variants() -> None:
+    from ferd.variants import SWITCHES, VARIANTS
+
+    table = Table(title="variants (each sets every switch; `dvc exp run -n NAME -S key=value ...`)", title_justify="left")
+    table.add_column("variant")
+    for key in SWITCHES:
+        table.add_column(key)
+    table.add_column("what it is")
+    for v in VARIANTS.values():
+        table.add_row(v.name, *[str(v.overrides[k]) for k in SWITCHES], v.description)
+    console.print(table)
