@@ -122,9 +122,17 @@ def test_compare_command_reads_exp_show(tmp_path, monkeypatch):
 
 
 def test_compare_setting_and_every_variant_validate():
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     setting = load_setting(ROOT / "configs" / "compare.yaml")
     for exp in plan(list(VARIANTS), [0], setting):
         load_params(ROOT / "params.yaml", exp.overrides)  # raises on any bad key or value
+        for key in exp.overrides:  # `dvc exp run -S` can only override keys that params.yaml spells out
+            node = raw
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{key} is not in params.yaml"
+                node = node[part]
     with pytest.raises(ConfigError, match="not found"):
         load_setting(ROOT / "configs" / "nope.yaml")
 
