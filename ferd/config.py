@@ -64,6 +64,8 @@ class RuntimeConfig:
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = rng(0, ge=0)  # torch CPU threads; 0 = torch's default
+    state_dir: str = "runs"  # run state of fetch-teacher / synth-fae / distill, for resume (README "When things go wrong")
+    checkpoint_every: int = rng(1, ge=0)  # save the run state every N epochs; 0 = never (no resume)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):

@@ -26,7 +26,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -169,6 +169,19 @@ class DistillState:
     log: list[dict[str, float]] = field(default_factory=list)
     pool: Pool | None = None
     holdout_idx: Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts / lists / tensors (for :class:`ferd.runstate.RunState`)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["pool"] = None if self.pool is None else {"x": self.pool.x, "y": self.pool.y, "epoch": self.pool.epoch}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillState:
+        data = dict(data)
+        if data.get("pool") is not None:
+            data["pool"] = Pool(**data["pool"])
+        return cls(**data)
 
 
 def _cpu_copy(obj: Any) -> Any:
@@ -374,8 +387,8 @@ def run_distill(
     *,
     cached_delta: Tensor | None,
     device: torch.device | str,
-    on_epoch_end: Callable[[DistillState], None] | None = None,
-    state: DistillState | None = None,
+    resume: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress = no_progress,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """The ``distill`` stage: build the student, run ``train_student`` with the configured schedule.
@@ -384,10 +397,13 @@ def run_distill(
     warm-up epochs; before every student epoch a :class:`ferd.synthesis.Synthesizer` continues the
     synthesis loop (re-probe, re-weight, append) against the live student. Returns the student (eval
     mode) and one log row per student epoch, with the class proportions that epoch's images used.
+
+    ``save_state(state)`` receives, after every student epoch, a plain dict with the training state
+    (and the synthesis loop's, interleaved) that ``resume=state`` continues from, bit for bit.
     """
     from ferd.models import build_model
     from ferd.runtime import derive_seed
-    from ferd.synthesis import Synthesizer, state_from_pool
+    from ferd.synthesis import SynthesisState, Synthesizer, state_from_pool
 
     cfg, fae = params.distill, params.fae
     c, h, _w = info.image_shape
@@ -396,6 +412,11 @@ def run_distill(
     pool = Pool(x=torch.as_tensor(pool_arrays["x"]), y=torch.as_tensor(pool_arrays["y"]),
                 epoch=torch.as_tensor(pool_arrays["epoch"]))
     synth_state = state_from_pool(pool_arrays)
+    state = None
+    if resume is not None:
+        state = DistillState.from_dict(resume["distill"])
+        if resume.get("synthesis") is not None:
+            synth_state = SynthesisState(**resume["synthesis"])
     synthesize = None
     if cfg.schedule == "interleaved":
         synth = Synthesizer(teacher, fae, params.probe, params.reweight, num_classes=info.num_classes,
@@ -405,6 +426,11 @@ def run_distill(
         def synthesize(epoch: int, live_student: nn.Module) -> tuple[Tensor, Tensor]:
             x, y, _row = synth.epoch(epoch, live_student)
             return x, y
+
+    def on_epoch_end(snapshot: DistillState) -> None:
+        if save_state is not None:
+            save_state({"distill": snapshot.to_dict(),
+                        "synthesis": asdict(synth_state) if synthesize is not None else None})
 
     final = train_student(
         student, teacher, pool, cfg, params.utae, total_epochs=fae.epochs, warmup=fae.warmup, eps=params.data.eps,

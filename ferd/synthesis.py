@@ -18,7 +18,8 @@ The same :class:`Synthesizer` serves both schedules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -140,9 +141,16 @@ def synthesize_pool(
     eps: float,
     seed: int,
     device: Any,
+    resume: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress = no_progress,
 ) -> tuple[Tensor, Tensor, Tensor, SynthesisState]:
-    """The ``synth-fae`` stage: ``epochs`` synthesis epochs with a shadow student; (x, y, epoch, state)."""
+    """The ``synth-fae`` stage: ``epochs`` synthesis epochs with a shadow student; (x, y, epoch, state).
+
+    ``save_state(state)`` receives a plain dict after every epoch (the pool so far, the loop state,
+    the shadow student, its sampling generator); ``resume=state`` continues from it bit for bit
+    (each epoch's own randomness is derived from (seed, epoch)).
+    """
     from ferd.models import build_model
 
     c, h, _w = image_shape
@@ -150,11 +158,18 @@ def synthesize_pool(
     shadow = build_model(fae.shadow_arch, num_classes=num_classes, in_channels=c, image_size=h,
                          width=fae.shadow_width).to(device).eval()
     state = SynthesisState(p=p0.double().clone())
-    synth = Synthesizer(teacher, fae, probe, reweight, num_classes=num_classes, image_shape=image_shape, eps=eps,
-                        seed=seed, device=device, state=state, progress=progress)
     g_shadow = torch_generator(seed, "synth-fae/shadow")
     xs, ys, es = [], [], []
-    for epoch in range(1, epochs + 1):
+    start = 1
+    if resume is not None:
+        state = SynthesisState(**resume["synthesis"])
+        shadow.load_state_dict(resume["shadow"])
+        g_shadow.set_state(resume["g_shadow"])
+        xs, ys, es = [resume["x"]], [resume["y"]], [resume["epoch_of_image"]]
+        start = resume["epoch"] + 1
+    synth = Synthesizer(teacher, fae, probe, reweight, num_classes=num_classes, image_shape=image_shape, eps=eps,
+                        seed=seed, device=device, state=state, progress=progress)
+    for epoch in range(start, epochs + 1):
         x, y, _row = synth.epoch(epoch, shadow)
         xs.append(x)
         ys.append(y)
@@ -162,6 +177,9 @@ def synthesize_pool(
         train_shadow(shadow, teacher, torch.cat(xs), steps=fae.shadow_steps, batch_size=fae.batch_size,
                      lr=fae.shadow_lr, generator=g_shadow, device=device)
         progress("synthesis epochs", epoch, epochs, {"teacher_acc": _row.get("teacher_acc", float("nan"))})
+        if save_state is not None:
+            save_state({"epoch": epoch, "x": torch.cat(xs), "y": torch.cat(ys), "epoch_of_image": torch.cat(es),
+                        "synthesis": asdict(state), "shadow": shadow.state_dict(), "g_shadow": g_shadow.get_state()})
     if not xs:  # interleaved with no warm-up: the pool starts empty
         return torch.zeros(0, *image_shape), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), state
     return torch.cat(xs), torch.cat(ys), torch.cat(es), state

@@ -25,6 +25,7 @@ import math
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,15 @@ def train_adversarially(
     eps: float,
     seed: int,
     device: Any,
+    resume: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress = no_progress,
 ) -> list[dict[str, float]]:
     """PGD-AT: minimise CE on PGD-``cfg.attack_steps`` examples (ε = ``eps``, α = step_size·ε).
 
     SGD with momentum and a per-step cosine learning-rate schedule. Returns one log row per epoch
-    (mean adversarial training loss and accuracy).
+    (mean adversarial training loss and accuracy). ``save_state(state)`` receives a plain dict after
+    every epoch (model, optimiser, schedule, generators, log); ``resume=state`` continues from it.
     """
     import torch
     import torch.nn.functional as F
@@ -81,7 +85,15 @@ def train_adversarially(
     g_attack = torch_generator(seed, "teacher-attack")
     log = []
     step = 0
-    for epoch in range(1, cfg.epochs + 1):
+    start = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        g_batches.set_state(resume["g_batches"])
+        g_attack.set_state(resume["g_attack"])
+        log, step, start = list(resume["log"]), int(resume["step"]), int(resume["epoch"]) + 1
+    for epoch in range(start, cfg.epochs + 1):
         loss_sum = correct = seen = 0.0
         for x, y in train.batches(cfg.batch_size, shuffle=True, generator=g_batches):
             x, y = x.to(device), y.to(device)
@@ -102,6 +114,10 @@ def train_adversarially(
             seen += len(y)
             progress("adversarial training", step, total, {"epoch": epoch, "loss": loss_sum / seen, "adv_acc": correct / seen})
         log.append({"epoch": epoch, "adv_loss": loss_sum / seen, "adv_acc": correct / seen})
+        if save_state is not None:
+            save_state({"epoch": epoch, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "g_batches": g_batches.get_state(),
+                        "g_attack": g_attack.get_state(), "log": log})
     model.eval()
     return log
 
@@ -261,8 +277,19 @@ def import_checkpoint(params: Params, *, work_dir: Path) -> tuple[dict[str, Any]
 # the stage's one entry point
 
 
-def fetch_teacher(params: Params, *, device: Any, work_dir: Path, progress: Progress = no_progress) -> TeacherResult:
-    """Obtain the teacher named by ``params.teacher`` and check it on the test split."""
+def fetch_teacher(
+    params: Params,
+    *,
+    device: Any,
+    work_dir: Path,
+    resume: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress = no_progress,
+) -> TeacherResult:
+    """Obtain the teacher named by ``params.teacher`` and check it on the test split.
+
+    ``resume`` / ``save_state``: the training run state (source ``train`` only), see :func:`train_adversarially`.
+    """
     import torch
 
     from ferd.artifacts import model_meta
@@ -287,7 +314,8 @@ def fetch_teacher(params: Params, *, device: Any, work_dir: Path, progress: Prog
     if tcfg.source == "train":
         train = load_split(params.data, "train")
         log = train_adversarially(
-            model, train, tcfg.train, eps=params.data.eps, seed=tcfg.seed, device=device, progress=progress
+            model, train, tcfg.train, eps=params.data.eps, seed=tcfg.seed, device=device, resume=resume,
+            save_state=save_state, progress=progress,
         )
     else:
         raw, source_sha = import_checkpoint(params, work_dir=work_dir)

@@ -206,3 +206,43 @@ def load_pool(path: Path, info: Any, required: tuple[str, ...]) -> tuple[dict, d
         raise ArtifactError(f"{path}: pool of {attrs.get('num_classes')} classes of {shape} images does not match the "
                             f"teacher ({info.num_classes} of {list(info.image_shape)}); rerun `ferd synth-fae`")
     return arrays, attrs
+
+
+def stage_run_state(params: Any, stage: str, sections: tuple[str, ...], inputs: list[Path]) -> Any:
+    """The stage's :class:`ferd.runstate.RunState` (None when ``runtime.checkpoint_every`` is 0).
+
+    Keyed by the declared params and the bytes of ``inputs``, so only an identical rerun resumes.
+    """
+    from ferd.config import as_dict
+    from ferd.runstate import RunState, file_digest
+
+    if params.runtime.checkpoint_every == 0:
+        return None
+    values = {}
+    for dotted in sections:
+        value = _resolve(params, dotted)
+        values[dotted] = as_dict(value) if dataclasses.is_dataclass(value) else value
+    digests = {str(p): file_digest(p) for p in inputs if Path(p).is_file()}
+    return RunState(params.runtime.state_dir, stage, {"params": values, "inputs": digests})
+
+
+def checkpointer(run_state: Any, every: int, epoch_of: Callable[[Any], int]) -> Callable[[Any], None] | None:
+    """A ``save_state`` callback that saves every ``every`` epochs (None without a run state)."""
+    if run_state is None:
+        return None
+
+    def save(state: Any) -> None:
+        if epoch_of(state) % every == 0:
+            run_state.save(state)
+
+    return save
+
+
+def resume_from(run_state: Any, stage: str) -> Any:
+    """The saved state to continue from (and say so), or None."""
+    if run_state is None:
+        return None
+    state = run_state.load()
+    if state is not None:
+        console.print(f"{stage}: resuming from the run state in {run_state.dir} (delete it to start over)")
+    return state

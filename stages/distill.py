@@ -13,13 +13,16 @@ import typer
 
 from stages._ui import (
     RichProgress,
+    checkpointer,
     console,
     handles_errors,
     load_pool,
     load_stage_params,
     load_teacher,
     print_config,
+    resume_from,
     setup_torch,
+    stage_run_state,
     timed,
 )
 
@@ -57,8 +60,12 @@ def command(
     if params.distill.utae_init == "cached":
         utae_arrays, _ = load_h5(utae, kind="utae", required=("delta",), produced_by="gen-utae")
         delta = torch.as_tensor(utae_arrays["delta"])
+    inputs = [teacher, pool, *([utae] if delta is not None else [])]
+    run_state = stage_run_state(params, "distill", SECTIONS, inputs)
+    save_state = checkpointer(run_state, params.runtime.checkpoint_every, lambda st: st["distill"]["epoch"])
     with timed("distill"), RichProgress() as progress:
-        student, rows = run_distill(model, arrays, params, info, cached_delta=delta, device=device, progress=progress)
+        student, rows = run_distill(model, arrays, params, info, cached_delta=delta, device=device,
+                                    resume=resume_from(run_state, "distill"), save_state=save_state, progress=progress)
     d = params.distill
     meta = model_meta(arch=d.arch, num_classes=info.num_classes, input_shape=info.image_shape,
                       mean=[0.0] * info.image_shape[0], std=[1.0] * info.image_shape[0], dataset=info.name,
@@ -70,4 +77,6 @@ def command(
         last = rows[-1]
         console.print(f"last epoch {last['epoch']}: loss {last['loss']:.4f}; held-out synthetic images: clean "
                       f"{last['holdout_clean_acc']:.3f}, PGD {last['holdout_pgd_acc']:.3f} (labels = teacher's)")
+    if run_state is not None:
+        run_state.clear()
     console.print(f"wrote {out} and {log}")

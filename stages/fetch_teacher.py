@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stages._ui import RichProgress, console, handles_errors, load_stage_params, print_config, setup_torch, timed
+from stages._ui import (
+    RichProgress,
+    checkpointer,
+    console,
+    handles_errors,
+    load_stage_params,
+    print_config,
+    resume_from,
+    setup_torch,
+    stage_run_state,
+    timed,
+)
 
 SECTIONS = ("data", "teacher")
 
@@ -25,9 +36,15 @@ def command(
     params = load_stage_params(ctx, SECTIONS)
     device = setup_torch(params, "fetch-teacher", seed=params.teacher.seed)
     print_config("fetch-teacher", params, SECTIONS, device)
+    # only training has epochs worth resuming; the run state is keyed by the data and teacher params
+    run_state = stage_run_state(params, "fetch-teacher", SECTIONS, []) if params.teacher.source == "train" else None
+    save_state = checkpointer(run_state, params.runtime.checkpoint_every, lambda st: st["epoch"])
     with timed("fetch-teacher"), RichProgress() as progress:
-        result = fetch_teacher(params, device=device, work_dir=out.parent, progress=progress)
+        result = fetch_teacher(params, device=device, work_dir=out.parent, resume=resume_from(run_state, "fetch-teacher"),
+                               save_state=save_state, progress=progress)
     save_model(out, result.state_dict, result.meta)
+    if run_state is not None:
+        run_state.clear()
     check = result.meta["check"]
     table = Table(title=f"teacher on {check['images']} test images (eps {check['eps']:g}, PGD-{check['pgd_steps']})",
                   title_justify="left", show_edge=False)

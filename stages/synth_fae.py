@@ -11,7 +11,19 @@ from typing import Annotated
 
 import typer
 
-from stages._ui import RichProgress, console, handles_errors, load_stage_params, load_teacher, print_config, setup_torch, timed
+from stages._ui import (
+    RichProgress,
+    checkpointer,
+    console,
+    handles_errors,
+    load_stage_params,
+    load_teacher,
+    print_config,
+    resume_from,
+    setup_torch,
+    stage_run_state,
+    timed,
+)
 
 SECTIONS = ("seed", "data", "fae", "probe", "reweight", "distill.schedule")
 LOG_COLUMNS = ("epoch", "total", "bn", "adv", "oh", "uni", "teacher_acc", "robust_channels", "probe_adv_acc",
@@ -44,11 +56,13 @@ def command(
         raise ArtifactError(f"{weights}: {len(cw.get('p', []))} class proportions for a {info.num_classes}-class teacher; "
                             "rerun `ferd probe` and `ferd reweight`")
     epochs = params.fae.epochs if params.distill.schedule == "staged" else params.fae.warmup
+    run_state = stage_run_state(params, "synth-fae", SECTIONS, [teacher, weights])
+    save_state = checkpointer(run_state, params.runtime.checkpoint_every, lambda st: st["epoch"])
     with timed("synth-fae"), RichProgress() as progress:
         x, y, epoch, state = synthesize_pool(
             model, params.fae, params.probe, params.reweight, epochs=epochs, p0=torch.tensor(cw["p"], dtype=torch.float64),
             num_classes=info.num_classes, image_shape=tuple(info.image_shape), eps=params.data.eps, seed=params.seed,
-            device=device, progress=progress,
+            device=device, resume=resume_from(run_state, "synth-fae"), save_state=save_state, progress=progress,
         )
     attrs = {"num_classes": info.num_classes, "class_names": list(info.class_names), "seed": params.seed,
              "image_shape": list(info.image_shape), "schedule": params.distill.schedule,
@@ -62,4 +76,6 @@ def command(
                       f"{sum(acc) / len(acc):.1%} of the kept batches (min {min(acc):.1%}, max {max(acc):.1%})")
         final = ", ".join(f"{n} {v:.3f}" for n, v in zip(info.class_names, state.p.tolist(), strict=True))
         console.print(f"class proportions after the last epoch: {final}")
+    if run_state is not None:
+        run_state.clear()
     console.print(f"wrote {out} and {log}")
