@@ -289,8 +289,17 @@ def exp_show(dvc: str = "dvc", cwd: Path = Path(".")) -> list[dict[str, Any]]:
         raise FerdError(f"dvc exp show --json printed something that is not JSON ({e})") from None
 
 
-# Workspace files an experiment leaves changed; restored from HEAD before each run and at the end.
+# Workspace files an experiment leaves changed; restored from HEAD before each run and at the end
+# (those of them that HEAD tracks: a fresh repository may not have committed dvc.lock yet).
 _RESTORE = ("params.yaml", "dvc.lock", "metrics")
+
+
+def _restore_from_head(cwd: Path) -> None:
+    tracked = _git("ls-files", "--", *_RESTORE, cwd=cwd).splitlines()
+    paths = [p for p in _RESTORE if any(t == p or t.startswith(f"{p}/") for t in tracked)]
+    if "params.yaml" not in paths:
+        raise FerdError("compare: params.yaml is not committed; dvc experiments start from HEAD, so commit it first")
+    _git("checkout", "HEAD", "--", *paths, cwd=cwd)
 
 
 def run_experiments(experiments: list[Experiment], *, dvc: str = "dvc", cwd: Path = Path("."),
@@ -324,7 +333,7 @@ def run_experiments(experiments: list[Experiment], *, dvc: str = "dvc", cwd: Pat
                 continue
             if exp.name in existing:
                 subprocess.run([dvc, "exp", "remove", exp.name], cwd=cwd, check=False, capture_output=True)
-            _git("checkout", "HEAD", "--", *_RESTORE, cwd=cwd)
+            _restore_from_head(cwd)
             echo(f"[{i}/{len(experiments)}] {exp.name}: {' '.join(exp.command(dvc)[1:])}")
             proc = subprocess.run(exp.command(dvc), cwd=cwd, check=False)
             if proc.returncode != 0:
@@ -332,5 +341,5 @@ def run_experiments(experiments: list[Experiment], *, dvc: str = "dvc", cwd: Pat
                                 "and rerun: finished experiments are kept")
             ran.append(exp.name)
     finally:
-        _git("checkout", "HEAD", "--", *_RESTORE, cwd=cwd)
+        _restore_from_head(cwd)
     return ran

@@ -63,3 +63,7 @@ app.command("report", rich_help_panel=TOOLS)(report.command)
 app.command("info", rich_help_panel=TOOLS)(info.command)
 app.command("compare", rich_help_panel=TOOLS)(compare.command)
 app.command("preset", rich_help_panel=TOOLS)(preset.command)
+
+
+if __name__ == "__main__":  # python -m stages.cli (tests; the installed entry point is `ferd`)
+    app()

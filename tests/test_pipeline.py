@@ -110,3 +110,29 @@ def test_failed_stage_is_not_recorded(dvc_repo: Path):
     assert proc.returncode != 0
     assert "checkpoint not found" in proc.stdout + proc.stderr
     assert (dvc_repo / "dvc.lock").read_text() == lock
+
+
+@pytest.mark.slow
+def test_compare_runs_dvc_experiments_and_tabulates(dvc_repo: Path):
+    """`ferd compare --run` on the tiny setting: two variants as workspace dvc experiments, the
+    teacher trained once, the table read back from `dvc exp show`, the workspace left as committed."""
+    params = tiny_params(fae={**tiny_params()["fae"], "lambda_uni": 5.0},
+                         distill={**tiny_params()["distill"], "adversary": "utae", "loss": "kl"})
+    write_params(dvc_repo / "params.yaml", params)  # -S needs every switch spelled out
+    (dvc_repo / "configs").mkdir()
+    (dvc_repo / "configs" / "compare.yaml").write_text("distill: {steps: 2}\n")
+    _run(["git", "add", "-A"], dvc_repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], dvc_repo)
+    committed = (dvc_repo / "params.yaml").read_bytes()
+    ferd = [sys.executable, "-m", "stages.cli"]
+    out = _run([*ferd, "compare", "--run", "--variants", "ferd,dfhl", "--seeds", "0",
+                "--dvc", str(Path(sys.executable).parent / "dvc")], dvc_repo)
+    assert out.count("Running stage 'fetch-teacher'") == 1  # trained once, then restored from the run cache
+    md = (dvc_repo / "reports" / "compare.md").read_text()
+    assert "| ferd | 1 |" in md and "| dfhl | 1 |" in md
+    assert (dvc_repo / "params.yaml").read_bytes() == committed
+    shown = _dvc(dvc_repo, "exp", "show", "--no-pager", "--csv")
+    assert "ferd-s0" in shown and "dfhl-s0" in shown and "pgd_worst" in shown and "autoattack_nsd" in shown
+    again = _run([*ferd, "compare", "--run", "--variants", "ferd,dfhl", "--seeds", "0",
+                  "--dvc", str(Path(sys.executable).parent / "dvc")], dvc_repo)
+    assert again.count("finished already, skipped") == 2

@@ -100,7 +100,8 @@ def test_same_seed_same_artifacts(staged, tmp_path):
     run_chain(tmp_path / "again", tiny_params())
     for out in OUTPUTS:
         assert (staged / out).read_bytes() == (tmp_path / "again" / out).read_bytes(), out
-    assert (staged / "metrics/student.json").read_bytes() == (tmp_path / "again/metrics/student.json").read_bytes()
+    for metric in sorted((staged / "metrics").iterdir()):  # logs, histograms, evaluation: every byte
+        assert metric.read_bytes() == (tmp_path / "again/metrics" / metric.name).read_bytes(), metric.name
 
 
 def test_interleaved_schedule(tmp_path):
