@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ferd.errors import ArtifactError
+from ferd.errors import ArtifactError, ConfigError
 
 FORMAT_VERSION = 1
 MODEL_META_KEYS = ("kind", "format_version", "arch", "num_classes", "input_shape", "mean", "std", "dataset", "source")
@@ -175,9 +175,12 @@ def _read_safetensors_header(p: Path) -> dict[str, Any]:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ArtifactError(f"{p}: corrupt safetensors header (not JSON); delete it and rerun the stage") from None
-    if not isinstance(header, dict):
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
         raise ArtifactError(f"{p}: corrupt safetensors header; delete it and rerun the stage")
-    end = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, ValueError):  # an entry without valid data_offsets
+        raise ArtifactError(f"{p}: corrupt safetensors header (bad tensor entry); delete it and rerun the stage") from None
     if end != size:
         raise ArtifactError(f"{p}: truncated safetensors file ({size} of {end} bytes); delete it and rerun the stage")
     return header
@@ -196,8 +199,10 @@ def read_model_meta(path: str | Path, *, produced_by: str | None = "fetch-teache
         )
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise ArtifactError(f"{p}: corrupt ferd metadata; delete it and rerun the stage") from None
+    except (json.JSONDecodeError, TypeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{p}: corrupt ferd metadata; delete it and rerun the stage")
     if meta.get("kind") != "model":
         raise ArtifactError(f"{p}: a ferd {meta.get('kind')!r} artifact, not a model; check the path")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -225,19 +230,26 @@ def load_model_state(path: str | Path, *, produced_by: str | None = "fetch-teach
 
 def load_model(path: str | Path, *, device: Any = "cpu", produced_by: str | None = "fetch-teacher"):
     """Build the network a model artifact describes, load its weights, return (model in eval mode, meta)."""
-    from ferd.models import build_model
+    from ferd.models import ARCH_REGISTRY, build_model
 
     state, meta = load_model_state(path, produced_by=produced_by)
-    c, h, _w = meta["input_shape"]
-    model = build_model(
-        meta["arch"],
-        num_classes=meta["num_classes"],
-        in_channels=c,
-        image_size=h,
-        mean=meta["mean"],
-        std=meta["std"],
-        width=meta.get("width", 16),
-    )
+    if meta["arch"] not in ARCH_REGISTRY:
+        raise ArtifactError(f"{path}: unknown architecture {meta['arch']!r} in the model metadata (valid: "
+                            f"{', '.join(sorted(ARCH_REGISTRY))}); the file is corrupt, rerun the stage that wrote it")
+    try:
+        c, h, _w = meta["input_shape"]
+        model = build_model(
+            meta["arch"],
+            num_classes=meta["num_classes"],
+            in_channels=c,
+            image_size=h,
+            mean=meta["mean"],
+            std=meta["std"],
+            width=meta.get("width", 16),
+        )
+    except (ConfigError, TypeError, ValueError) as exc:  # metadata values of the wrong type, length or range
+        raise ArtifactError(f"{path}: model metadata describes no buildable network ({exc}); rerun the stage that wrote it"
+                            ) from None
     expected = model.state_dict()
     bad = sorted(set(expected) ^ set(state)) + [k for k in state if k in expected and state[k].shape != expected[k].shape]
     if bad:
@@ -301,6 +313,11 @@ def save_h5(
                 fh.create_dataset(name, data=arr, **kwargs)
 
 
+#: What h5py raises for a damaged file, depending on which structure the damage hit (a fuzzed pool
+#: gave all five: truncated superblock, bad object header, bad symbol table, a dataset turned group).
+_H5_DAMAGE = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+
+
 def load_h5(
     path: str | Path,
     *,
@@ -312,6 +329,8 @@ def load_h5(
     import h5py
 
     p = _require_file(path, f"{kind} file", produced_by)
+    if _sniff(p) in ("safetensors", "json"):
+        raise ArtifactError(f"{p}: a {_sniff(p)} file where a ferd {kind} (HDF5) was expected; check the path")
     try:
         with h5py.File(p, "r") as fh:
             attrs = {k: _decode_attr(v) for k, v in fh.attrs.items()}
@@ -325,7 +344,7 @@ def load_h5(
             if missing:
                 raise ArtifactError(f"{p}: {kind} lacks dataset(s) {', '.join(missing)}; rerun the stage that wrote it")
             arrays = {name: fh[name][()] for name in fh.keys()}
-    except OSError as exc:
+    except _H5_DAMAGE as exc:
         raise ArtifactError(
             f"{p}: unreadable HDF5 ({exc.__class__.__name__}: truncated or corrupt); delete it and rerun the stage"
         ) from None
@@ -383,7 +402,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             with h5py.File(p, "r") as fh:
                 meta = {k: _decode_attr(v) for k, v in fh.attrs.items()}
                 entries = {k: {"dtype": str(fh[k].dtype), "shape": list(fh[k].shape)} for k in fh.keys()}
-        except OSError:
+        except (*_H5_DAMAGE, AttributeError):  # AttributeError: a damaged dataset read back as a group
             raise ArtifactError(f"{p}: unreadable HDF5 (truncated or corrupt); delete it and rerun the stage") from None
         return {"format": "hdf5", "meta": meta, "entries": entries}
     if fmt == "json":

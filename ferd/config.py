@@ -266,6 +266,11 @@ class EvaluateConfig:
     autoattack_per_class: int = rng(20, ge=1)  # class-balanced AutoAttack subset (it is costly)
     eps_sweep: tuple[float, ...] = (0.5, 1.0, 2.0)  # PGD at these multiples of eps: accuracy must fall
 
+    def __post_init__(self) -> None:
+        bad = [m for m in self.eps_sweep if not m > 0]
+        if bad:
+            raise ConfigError(f"evaluate.eps_sweep: every multiple of data.eps must be > 0, got {bad[0]!r}")
+
 
 @dataclass(frozen=True)
 class Params:

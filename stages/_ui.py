@@ -196,15 +196,30 @@ def load_teacher(params: Any, path: Path, device: Any) -> tuple[Any, dict, Any]:
 
 
 def load_pool(path: Path, info: Any, required: tuple[str, ...]) -> tuple[dict, dict]:
-    """The FAE pool, checked against the teacher's classes and image shape: (arrays, attrs)."""
+    """The FAE pool, checked against the teacher's classes and image shape, and its images (float32 in
+    [0, 1]) and labels (one class index per image): (arrays, attrs)."""
+    import numpy as np
+
     from ferd.artifacts import load_h5
     from ferd.errors import ArtifactError
 
     arrays, attrs = load_h5(path, kind="pool", required=required, produced_by="synth-fae")
-    shape = list(arrays["x"].shape[1:])
+    x, y = arrays["x"], arrays["y"]
+    shape = list(x.shape[1:])
     if attrs.get("num_classes") != info.num_classes or shape != list(info.image_shape):
         raise ArtifactError(f"{path}: pool of {attrs.get('num_classes')} classes of {shape} images does not match the "
                             f"teacher ({info.num_classes} of {list(info.image_shape)}); rerun `ferd synth-fae`")
+    if x.dtype != np.float32:
+        raise ArtifactError(f"{path}: pool images are {x.dtype}, expected float32 in [0, 1]; rerun `ferd synth-fae`")
+    if x.size and not (x.min() >= 0.0 and x.max() <= 1.0):  # NaN fails both comparisons
+        raise ArtifactError(f"{path}: pool images must lie in [0, 1], found values from {x.min():g} to {x.max():g}; "
+                            "rerun `ferd synth-fae`")
+    if y.dtype.kind not in "iu" or y.shape != x.shape[:1]:
+        raise ArtifactError(f"{path}: pool labels must be {len(x)} integers, got {y.dtype} {list(y.shape)}; "
+                            "rerun `ferd synth-fae`")
+    if y.size and not (y.min() >= 0 and y.max() < info.num_classes):
+        raise ArtifactError(f"{path}: pool labels must lie in [0, {info.num_classes}), found {y.min()} to {y.max()}; "
+                            "rerun `ferd synth-fae`")
     return arrays, attrs
 
 

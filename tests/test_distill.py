@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-import ferd.distill as distill
 from ferd.augment import apply_augment, augment, augment_params
 from ferd.config import DistillConfig, UtaeConfig
 from ferd.distill import (
