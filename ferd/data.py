@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import pickle  # only for the exception type of a corrupt CIFAR batch (torchvision reads the pickles)
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -403,6 +402,13 @@ def _cifar_class(name: str, verify: bool) -> type:
     return Unverified
 
 
+def _unreadable_batch(exc: BaseException) -> bool:
+    """Whether ``exc`` is how torchvision's unpickling of a CIFAR batch reports a damaged file."""
+    from ferd.errors import is_unpickling_error
+
+    return isinstance(exc, EOFError | ValueError | KeyError | TypeError | OSError) or is_unpickling_error(exc)
+
+
 def _load_cifar(cfg: DataConfig, split: Split) -> ImageSet:
     cls = _cifar_class(cfg.name, cfg.verify_checksums)
     pretty = "CIFAR-10" if cfg.name == "cifar10" else "CIFAR-100"
@@ -423,7 +429,9 @@ def _load_cifar(cfg: DataConfig, split: Split) -> ImageSet:
             f"{pretty} in {folder} failed its md5 check or is corrupt; delete it and set data.download: true "
             "to re-fetch it (or data.verify_checksums: false for test fixtures)"
         ) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:  # unreadable files
+    except Exception as exc:  # unreadable files; anything else is a bug and propagates
+        if not _unreadable_batch(exc):
+            raise
         raise DataError(
             f"{pretty} in {folder} could not be read ({type(exc).__name__}: {exc}); delete it and set "
             "data.download: true to re-fetch it"

@@ -157,10 +157,16 @@ def sha256_file(path: str | Path) -> str:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Tensors of a checkpoint file, never unpickled: safetensors, or torch.load(weights_only=True)."""
-    import pickle  # only for the exception type that torch's restricted (weights-only) loader raises
+    """Tensors of a checkpoint file, never unpickled: safetensors, or torch.load(weights_only=True).
 
+    Only files that start like a torch checkpoint (the zip format's ``PK\x03\x04`` or a legacy
+    pickle-protocol header ``\x80``) reach torch's restricted loader; anything else is "not a
+    readable checkpoint". torch's own advice on a refused file (re-run with weights_only=False) is
+    never passed on.
+    """
     import torch
+
+    from ferd.errors import is_unpickling_error
 
     p = Path(path)
     if not p.is_file():
@@ -175,16 +181,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             return load_file(str(p))
         except SafetensorError as exc:
             raise SourceError(f"{p}: unreadable safetensors checkpoint ({exc}); re-download it") from None
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise SourceError(f"{p}: not a readable torch checkpoint or safetensors file; check teacher.source or re-download it")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise SourceError(
-            f"{p}: refused to load (weights_only=True found non-tensor objects: {first}); "
-            "save a plain state_dict or safetensors instead"
-        ) from None
     except (RuntimeError, EOFError, ValueError) as exc:
         raise SourceError(f"{p}: not a readable torch checkpoint ({str(exc).splitlines()[0]}); re-download it") from None
+    except Exception as exc:  # torch's weights-only refusal; anything else is a bug and propagates
+        if not is_unpickling_error(exc):
+            raise
+        raise SourceError(
+            f"{p}: refused to load: it holds pickled Python objects besides tensors and ferd never unpickles; "
+            "save a plain state_dict (torch.save(model.state_dict(), ...)) or safetensors instead"
+        ) from None
     if not isinstance(obj, dict):
         raise SourceError(f"{p}: checkpoint holds a {type(obj).__name__}, not a state dict")
     return obj
