@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import json
 import math
@@ -38,10 +39,16 @@ MODEL_META_KEYS = ("kind", "format_version", "arch", "num_classes", "input_shape
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it."""
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it.
+
+    The temporary file is named ``.<name>.<pid>.<random>.tmp``. A writer killed with SIGKILL cannot
+    delete its own, so every write first removes the temporary files of ``path`` whose process is
+    gone (never those of a live writer).
+    """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    _remove_stale_temps(dest)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -52,6 +59,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temps(dest: Path) -> None:
+    """Delete ``.<dest.name>.<pid>.*.tmp`` left by writers that no longer run."""
+    prefix = f".{dest.name}."
+    for tmp in dest.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid_text = tmp.name[len(prefix):].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, owned by someone else
+            continue
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -2,16 +2,17 @@
 
 Each child process (``sys.executable -c``) rewrites one large artifact in a loop through
 ``ferd.artifacts.save_h5`` / ``save_model``, every version marked with its number ``i``. The parent
-waits until a write is in progress (``atomic_path``'s temp file ``.<name>.<random>.tmp`` exists
+waits until a write is in progress (``atomic_path``'s temp file ``.<name>.<pid>.<random>.tmp`` exists
 next to the target), waits a little longer (a different delay per child, to land at different
 moments of the write), sends SIGKILL, and checks that the target is absent or loads completely with
 exactly the content of some version ``i``.
 
 The children start together (torch's import dominates) and are killed one after the other.
 
-A killed writer's temp file stays behind: ``atomic_path`` removes it in a ``finally`` that SIGKILL
-never reaches, and nothing removes it later. ``test_*`` below check that such leftovers are hidden
-dot-files of atomic_path's pattern and never the target.
+A killed writer's temp file stays behind until the next write of the same artifact: ``atomic_path``
+removes it in a ``finally`` that SIGKILL never reaches, so every write first deletes the temp files
+of its target whose writer process is gone. ``test_*`` below check that such leftovers are hidden
+dot-files of atomic_path's pattern, never the target, and gone after the next successful write.
 """
 
 from __future__ import annotations
@@ -153,6 +154,12 @@ def test_killed_hdf5_writer_leaves_a_complete_version_or_none(tmp_path):
     assert sum(run["exists"] for run in runs) >= 3  # the need_previous runs had a version to keep
     # the kills landed mid-write (else this test would prove nothing): a temp file was left behind
     assert any(run["leftovers"] for run in runs), [run["files"] for run in runs]
+    # ... and the next write of the same artifact removes it (its writer is dead)
+    from ferd.artifacts import save_h5
+
+    for run in runs:
+        save_h5(run["target"], kind="killtest", arrays={"x": base[:1]}, attrs={"i": 0})
+        assert _temps(run["target"]) == [], run["target"]
 
 
 def test_killed_model_writer_leaves_a_complete_version_or_none(tmp_path):
