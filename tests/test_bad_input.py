@@ -593,7 +593,8 @@ def case_file_source_random_bytes(env: Env) -> Run:
 def case_file_source_pickled_object(env: Env) -> Run:
     ckpt = env.tmp / "evil.pt"
     torch.save({"model": argparse.Namespace(a=1)}, ckpt)  # an arbitrary object: loading it would run pickle code
-    return _fetch(env, teacher={"source": f"file:{ckpt}"}, expect=[str(ckpt), "never unpickles", "state_dict (torch.save"], forbid=["weights_only` set to `False"])
+    return _fetch(env, teacher={"source": f"file:{ckpt}"}, expect=[str(ckpt), "never unpickles", "state_dict (torch.save"],
+                  forbid=["weights_only` set to `False"])
 
 
 @case
