@@ -105,7 +105,7 @@ def command(
         table.add_column(column_label(col), justify="right")
     for row in rows:
         table.add_row(row.variant, str(len(row.seeds)), *[fmt(*row.stats[c]) for c in COLUMNS])
-    console.print(table)
+    console.print(table, width=max(console.width, 180))  # eleven columns: never squeeze them into 80
     md = markdown_table(rows)
     write_bytes_atomic(out / "compare.md", md.encode())
     png = worst_class_chart(rows, out / "compare_worst_class.png")
