@@ -26,19 +26,10 @@ from torch import Tensor
 
 from ferd.errors import ArtifactError
 
-__all__ = ["RunState", "file_digest", "pack", "unpack"]
+__all__ = ["RunState", "pack", "unpack"]
 
 _META_KEY = "ferd_run_state"
 _FORMAT = 1
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (inputs of a stage, for the run-state key)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pack(obj: Any, tensors: dict[str, Tensor] | None = None) -> tuple[Any, dict[str, Tensor]]:

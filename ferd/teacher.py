@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ferd.artifacts import atomic_path
+from ferd.artifacts import atomic_path, sha256_file
 from ferd.config import Params, TeacherTrainConfig, as_dict
 from ferd.errors import SourceError
 from ferd.runtime import Progress, no_progress, torch_generator
@@ -146,14 +146,6 @@ def robustness_check(
 
 # --------------------------------------------------------------------------------------------
 # checkpoint sources
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -228,8 +228,9 @@ def stage_run_state(params: Any, stage: str, sections: tuple[str, ...], inputs: 
 
     Keyed by the declared params and the bytes of ``inputs``, so only an identical rerun resumes.
     """
+    from ferd.artifacts import sha256_file
     from ferd.config import as_dict
-    from ferd.runstate import RunState, file_digest
+    from ferd.runstate import RunState
 
     if params.runtime.checkpoint_every == 0:
         return None
@@ -237,7 +238,7 @@ def stage_run_state(params: Any, stage: str, sections: tuple[str, ...], inputs: 
     for dotted in sections:
         value = _resolve(params, dotted)
         values[dotted] = as_dict(value) if dataclasses.is_dataclass(value) else value
-    digests = {str(p): file_digest(p) for p in inputs if Path(p).is_file()}
+    digests = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
     return RunState(params.runtime.state_dir, stage, {"params": values, "inputs": digests})
 
 
