@@ -322,8 +322,9 @@ def run_experiments(experiments: list[Experiment], *, dvc: str = "dvc", cwd: Pat
         _git("rev-parse", "--verify", "HEAD", cwd=cwd)
     except FerdError:
         raise FerdError("compare: dvc exp needs a git repository with at least one commit; commit first") from None
-    existing = {exp.get("name"): exp for base in exp_show(dvc, cwd) for exp in (base.get("experiments") or [])}
-    done, _ = records_from_exp_show(exp_show(dvc, cwd))
+    shown = exp_show(dvc, cwd)
+    existing = {exp.get("name") for base in shown for exp in (base.get("experiments") or [])}
+    done, _ = records_from_exp_show(shown)
     finished = {r.name for r in done}
     ran = []
     try:

@@ -21,7 +21,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ferd.errors import ArtifactError
@@ -117,8 +116,3 @@ class RunState:
                 parent.rmdir()
             except OSError:
                 break
-
-
-def generator_states(gens: dict[str, torch.Generator]) -> dict[str, Tensor]:
-    """``{name: generator.get_state()}``."""
-    return {name: g.get_state() for name, g in gens.items()}
