@@ -7,8 +7,8 @@ torch, so the command line stays fast.
 
 Sections: ``seed``, ``data``, ``teacher``, ``probe``, ``reweight``, ``fae``, ``utae``, ``distill``,
 ``evaluate``; each stage module's ``SECTIONS`` lists what it reads and ``dvc.yaml`` declares exactly
-that (a test checks it). ``runtime`` (device, threads) changes speed, not results, and is
-deliberately not a DVC dependency.
+that (a test checks it). ``runtime`` (device, threads, precision, run state) changes speed, not
+results (bf16 changes floats, see docs/gpu.md), and is deliberately not a DVC dependency.
 """
 
 from __future__ import annotations
@@ -66,10 +66,14 @@ class RuntimeConfig:
     threads: int = rng(0, ge=0)  # torch CPU threads; 0 = torch's default
     state_dir: str = "runs"  # run state of fetch-teacher / synth-fae / distill, for resume (README "When things go wrong")
     checkpoint_every: int = rng(1, ge=0)  # save the run state every N epochs; 0 = never (no resume)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: CUDA autocast of the hot loops' forward passes
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ConfigError(f"runtime.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision == "bf16" and not self.device.startswith(("cuda", "auto")):
+            raise ConfigError(f"runtime.precision: bf16 runs only on CUDA (on the CPU it is slower), but runtime.device "
+                              f"is {self.device!r}; set runtime.precision: fp32")
 
 
 @dataclass(frozen=True)

@@ -100,11 +100,16 @@ def load_stage_params(ctx: typer.Context, sections: tuple[str, ...]) -> Any:
 
 
 def setup_torch(params: Any, stage: str, seed: int | None = None) -> Any:
-    """Threads, torch's global seed (the run ``seed`` unless the stage has its own), device; returns the torch.device."""
-    from ferd.runtime import configure_torch, resolve_device
+    """Threads, torch's global seed (the run ``seed`` unless the stage has its own), device; returns the torch.device.
+
+    Refuses ``runtime.precision: bf16`` unless the device resolves to CUDA.
+    """
+    from ferd.runtime import check_precision, configure_torch, resolve_device
 
     configure_torch(params.runtime.threads, params.seed if seed is None else seed, stage)
-    return resolve_device(params.runtime.device)
+    device = resolve_device(params.runtime.device)
+    check_precision(params.runtime.precision, device)
+    return device
 
 
 def _resolve(params: Any, dotted: str) -> Any:
