@@ -11,7 +11,9 @@
   teacher's output on the HEE itself (see :func:`needs_teacher_on_adversary`).
 
 Every adversary uses the student frozen in eval mode (restored afterwards) and returns a detached
-tensor on ``x_f``'s device; randomness comes only from the CPU ``generator``.
+tensor on ``x_f``'s device; randomness comes only from ``generator``, drawn on that generator's
+device (``distill`` passes one on the compute device, ``ferd.runtime.device_generator``). The
+caller may wrap a call in bf16 autocast (``runtime.precision``); objectives use float32 logits.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def craft_hee(model: nn.Module, x: Tensor, *, steps: int, step_size: float) -> T
         for _ in range(steps):
             x_h.requires_grad_(True)
             with torch.enable_grad():
-                (grad,) = torch.autograd.grad(prediction_entropy(model(x_h)).sum(), [x_h])
+                (grad,) = torch.autograd.grad(prediction_entropy(model(x_h).float()).sum(), [x_h])
             x_h = (x_h.detach() + step_size * grad.sign()).clamp_(0.0, 1.0)
     return x_h.detach()
 

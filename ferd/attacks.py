@@ -179,8 +179,9 @@ def pgd(
 
     Untargeted: ascend ``CE(model(x'), y)`` (``loss="ce"``) or ``-margin(model(x'), y)``
     (``loss="margin"``). Targeted (``targeted=True`` with ``target``): descend
-    ``CE(model(x'), target)`` or ascend ``margin(model(x'), target)``. ``generator`` (a CPU
-    generator) seeds the random start. Returns a detached tensor on ``x``'s device.
+    ``CE(model(x'), target)`` or ascend ``margin(model(x'), target)``. ``generator`` seeds the random
+    start, drawn on the generator's device (a CPU generator: on the CPU, then moved to ``x``'s device;
+    the hot loops pass one on ``x``'s device). Returns a detached tensor on ``x``'s device.
     """
     _check_inputs(x, y, eps, "pgd")
     _check_steps(alpha, steps, "pgd")
@@ -206,7 +207,8 @@ def pgd(
 
     with frozen_eval(model):
         if random_start:
-            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu")
+            noise_device = "cpu" if generator is None else generator.device
+            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=noise_device)
             x_adv = project(x + (2.0 * noise.to(x.device) - 1.0) * eps, x, eps)
         else:
             x_adv = x.clone()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ferd.attacks import frozen_eval, margin, model_device, pgd
 from ferd.config import FaeConfig
 from ferd.fae import synthesize_epoch
-from ferd.runtime import Progress, no_progress
+from ferd.runtime import Progress, device_generator, no_progress
 
 __all__ = ["ProbeResult", "fragility", "probe_set", "probe_teacher", "rank_correlation"]
 
@@ -95,8 +95,10 @@ def probe_teacher(
 ) -> ProbeResult:
     """PGD-``steps`` (CE, random start from ``generator``) on the frozen teacher and the fragility D.
 
-    ``x``/``y`` may live on the CPU; batches move to the teacher's device. ``mode="agreed"`` computes
-    D over the samples the teacher classifies right on clean inputs only. Results are CPU tensors.
+    ``x``/``y`` may live on the CPU; batches move to the teacher's device, and the random starts are
+    drawn there (``ferd.runtime.device_generator``: ``generator`` itself on the CPU). ``mode="agreed"``
+    computes D over the samples the teacher classifies right on clean inputs only. Results are CPU
+    tensors, read back once after the last batch.
     """
     if mode not in ("all", "agreed"):
         raise ValueError(f"probe_teacher: mode must be 'all' or 'agreed', got {mode!r}")
@@ -105,19 +107,22 @@ def probe_teacher(
     y = y.detach().to(torch.long).cpu()
     n = y.numel()
     device = model_device(teacher)
-    margins = torch.empty(n, dtype=torch.float32)
-    clean_pred = torch.empty(n, dtype=torch.long)
-    adv_pred = torch.empty(n, dtype=torch.long)
+    pgd_generator = device_generator(generator, device)  # the CPU generator itself on the CPU
+    margins_d, clean_d, adv_d = [], [], []
     with frozen_eval(teacher):
         for start in range(0, n, batch_size):
             xb = x[start:start + batch_size].detach().to(device)
             yb = y[start:start + batch_size].to(device)
-            x_adv = pgd(teacher, xb, yb, eps=eps, alpha=alpha, steps=steps, generator=generator)
+            x_adv = pgd(teacher, xb, yb, eps=eps, alpha=alpha, steps=steps, generator=pgd_generator)
             with torch.no_grad():
-                clean_pred[start:start + yb.numel()] = teacher(xb).argmax(dim=1).cpu()
+                clean_d.append(teacher(xb).argmax(dim=1))
                 logits = teacher(x_adv)
-                margins[start:start + yb.numel()] = margin(logits, yb).float().cpu()
-                adv_pred[start:start + yb.numel()] = logits.argmax(dim=1).cpu()
+                margins_d.append(margin(logits, yb).float())
+                adv_d.append(logits.argmax(dim=1))
+    # one read-back after all batches (no host sync inside the loop)
+    margins = torch.cat(margins_d).cpu() if n else torch.empty(0, dtype=torch.float32)
+    clean_pred = torch.cat(clean_d).cpu() if n else torch.empty(0, dtype=torch.long)
+    adv_pred = torch.cat(adv_d).cpu() if n else torch.empty(0, dtype=torch.long)
     agree = clean_pred == y
     return ProbeResult(
         margins=margins,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ferd.attacks import frozen_eval, model_device, project
 from ferd.config import UtaeConfig
-from ferd.runtime import Progress, no_progress
+from ferd.runtime import Progress, device_generator, no_progress
 
 __all__ = [
     "UtaeSet",
@@ -68,10 +68,12 @@ def craft_utae(
     """UTAEs of ``x_f`` against ``model`` (§2.5); a detached tensor in B∞(x_f, eps) ∩ [0, 1].
 
     ``start`` (e.g. a cached perturbed image) replaces the noisy start ``x_f + init_noise·N(0, I)``;
-    either start is projected into the threat model first. The noise is drawn from the CPU
-    ``generator`` (then moved to ``x_f``'s device), so a seeded generator gives the same result on
-    every device. ``model`` is used frozen in eval mode and restored afterwards; only input
-    gradients are taken. ``steps = 0`` returns the projected start.
+    either start is projected into the threat model first. The noise is drawn from ``generator`` on
+    its own device (the hot loop passes one on ``x_f``'s device, ``ferd.runtime.device_generator``;
+    a CPU generator draws on the CPU and the noise is copied), so a seeded generator gives the same
+    result on a device. ``model`` is used frozen in eval mode and restored afterwards; only input
+    gradients are taken, the objective on float32 logits (the caller may wrap the call in bf16
+    autocast). ``steps = 0`` returns the projected start.
     """
     if x_f.ndim < 2 or not x_f.is_floating_point():
         raise ValueError(f"craft_utae: x_f must be a float tensor [N, ...], got {tuple(x_f.shape)}")
@@ -86,14 +88,15 @@ def craft_utae(
             raise ValueError(f"craft_utae: start has shape {tuple(start.shape)}, expected {tuple(x_f.shape)}")
         x_u = start.detach().to(device=x_f.device, dtype=x_f.dtype)
     else:
-        noise = torch.randn(x_f.shape, generator=generator, dtype=x_f.dtype, device="cpu").to(x_f.device)
+        noise_device = "cpu" if generator is None else generator.device
+        noise = torch.randn(x_f.shape, generator=generator, dtype=x_f.dtype, device=noise_device).to(x_f.device)
         x_u = x_f + init_noise * noise
     x_u = project(x_u, x_f, eps)
     with frozen_eval(model):
         for _ in range(steps):
             x_u = x_u.detach().requires_grad_(True)
             with torch.enable_grad():
-                obj = utae_objective(target, model(x_u), gamma).sum()
+                obj = utae_objective(target, model(x_u).float(), gamma).sum()
                 (grad,) = torch.autograd.grad(obj, [x_u])
             x_u = project(x_u.detach() + alpha * grad.sign(), x_f, eps)
     return x_u.detach()
@@ -184,6 +187,8 @@ def generate_utae_set(
     if batch_size < 1:
         raise ValueError(f"generate_utae_set: batch_size must be >= 1, got {batch_size}")
     device = model_device(teacher)
+    noise_generator = device_generator(generator, device)  # the CPU generator itself on the CPU
+    noise_device = "cpu" if noise_generator is None else noise_generator.device
     n = x.shape[0]
     alpha = cfg.step_size * eps
     delta = torch.empty(x.shape, dtype=torch.float32)
@@ -195,7 +200,7 @@ def generate_utae_set(
             xb = x[i:i + batch_size].to(device=device, dtype=torch.float32)
             with torch.no_grad():
                 t = teacher(xb)
-            noise = torch.randn(xb.shape, generator=generator, dtype=xb.dtype, device="cpu").to(device)
+            noise = torch.randn(xb.shape, generator=noise_generator, dtype=xb.dtype, device=noise_device).to(device)
             start = xb + cfg.init_noise * noise
             common = dict(eps=eps, alpha=alpha, steps=cfg.steps, init_noise=cfg.init_noise, generator=generator, start=start)
             xu = craft_utae(teacher, xb, t, gamma=cfg.gamma, **common)
