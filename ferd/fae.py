@@ -19,8 +19,16 @@ L_G ("best_mem", §2.1); §2.4's pool appends it (the pool itself lives in the s
 
 The teacher (and the student) stay frozen in eval mode throughout (``attacks.frozen_eval``): BN
 uses and keeps its running statistics (hazard §7 #5); gradients reach x through the frozen nets.
-All randomness (generator weights, z, labels, augmentation offsets, IB noise) is drawn from the one
-CPU ``torch.Generator`` passed in, then moved to the device, so a seed reproduces an epoch.
+All randomness derives from the one CPU ``torch.Generator`` passed in, so a seed reproduces an epoch
+on a device: the once-per-epoch draws (generator weights, z, labels) come from it directly, the
+per-step draws (augmentation offsets, IB noise) from ``ferd.runtime.device_generator`` (that same
+generator on the CPU; a CUDA generator seeded from it on CUDA, so nothing is copied per step).
+
+The hot loop does not synchronise with the host (docs/gpu.md): the kept batch, its step and loss
+terms are selected on the device with ``torch.where``; non-finite losses are flagged on the device
+and reported (first bad step) once the epoch's steps are done; everything is read back once per
+epoch. Per-step progress carries the step count only. ``precision="bf16"`` runs the teacher and
+student forward passes under CUDA autocast (the generator, losses and kept images stay float32).
 
 Project choices: augmentation (``ferd.augment``) is a random shift (reflect pad + crop) and an
 optional horizontal flip (off for Fashion-MNIST); the IB channel variance ``v = Var_{h,w}(Z)`` is
@@ -44,7 +52,7 @@ from ferd.config import FaeConfig
 from ferd.errors import FerdError
 from ferd.losses import ikl, uniform_kl
 from ferd.models import build_generator, reset_generator
-from ferd.runtime import Progress, no_progress
+from ferd.runtime import Progress, autocast, device_generator, no_progress
 
 __all__ = [
     "BNStatsLoss",
@@ -85,7 +93,7 @@ class BNStatsLoss:
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if not self.enabled:
             return
-        a = inputs[0]
+        a = inputs[0].float()  # a no-op in fp32; under bf16 autocast the statistics stay float32
         mean = a.mean(dim=(0, 2, 3))
         var = a.var(dim=(0, 2, 3), unbiased=False)
         self._terms.append(
@@ -138,20 +146,22 @@ def ib_fit(
     """Fit the per-sample, per-channel noise scale σ = softplus(λ_r) on Z = f_l(x) (§2.3).
 
     λ_r starts at 0 and is optimised with Adam(lr) for ``steps`` steps on
-    ``CE(f_{l+}(Z + σ ⊙ ε), y) + β · mean_{b,c} ½(v/σ² + log(σ²/v) − 1)``, ε ~ N(0, I) drawn from the
-    CPU ``generator`` each step, v = Var_{h,w}(Z). ``z`` is detached; the teacher is frozen in eval
-    mode here. Returns σ, detached, ``[B, Ch, 1, 1]``.
+    ``CE(f_{l+}(Z + σ ⊙ ε), y) + β · mean_{b,c} ½(v/σ² + log(σ²/v) − 1)``, ε ~ N(0, I) drawn each step
+    from ``generator`` on its own device (pass one on ``z``'s device: ``ferd.runtime.device_generator``;
+    a CPU generator with CUDA features costs a host draw and a copy per step), v = Var_{h,w}(Z). ``z``
+    is detached and used as float32; the teacher is frozen in eval mode here. Returns σ, detached,
+    ``[B, Ch, 1, 1]``.
     """
     if z.ndim != 4:
         raise ValueError(f"ib_fit: expected features [B, Ch, h, w], got {tuple(z.shape)}")
-    z = z.detach()
+    z = z.detach().float()
     y = y.to(device=z.device, dtype=torch.long)
     v = channel_variance(z)[:, :, None, None]
     lam = torch.zeros(z.shape[0], z.shape[1], 1, 1, device=z.device, dtype=z.dtype, requires_grad=True)
     opt = torch.optim.Adam([lam], lr=lr)
     with frozen_eval(teacher), torch.enable_grad():
         for _ in range(steps):
-            eps = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+            eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
             sigma = F.softplus(lam)
             logits = teacher.forward_head(z + sigma * eps)
             var_n = sigma.pow(2)
@@ -217,6 +227,7 @@ def synthesize_epoch(
     labels: Tensor | None = None,
     progress: Progress = no_progress,
     epoch: int = 0,
+    precision: str = "fp32",
 ) -> EpochSynthesis:
     """Run one epoch of FERD's generator phase (§2.1, §2.3) and return the kept batch.
 
@@ -224,7 +235,9 @@ def synthesize_epoch(
     ``multinomial(p, B, replacement=True).sort()`` unless ``labels`` is given, in which case they are
     used as given (in their order) and set the batch size. ``student`` may be ``None`` (the L_adv
     term is then skipped, as it is when ``lambda_adv == 0``); ``lambda_uni == 0`` skips the IB fit.
-    Raises ``FerdError`` when a loss term is not finite.
+    Raises ``FerdError`` when a loss term is not finite (naming the first bad step, once the steps
+    are done). ``progress(task, step, steps, {})`` per step; the last call carries the kept step's
+    ``loss`` and ``teacher_acc``.
     """
     channels, height, width = image_shape
     if height != width:
@@ -247,6 +260,7 @@ def synthesize_epoch(
         if y.ndim != 1 or y.numel() == 0:
             raise ValueError(f"synthesize_epoch: labels must be a non-empty 1-D tensor, got shape {tuple(y.shape)}")
     y_dev = y.to(device)
+    step_generator = device_generator(generator, device)  # the CPU generator itself on the CPU
     opt = torch.optim.Adam(
         [{"params": gen.parameters(), "lr": cfg.lr_g}, {"params": [z], "lr": cfg.lr_z}], betas=(0.5, 0.999)
     )
@@ -255,9 +269,18 @@ def synthesize_epoch(
     weights = {"bn": cfg.lambda_bn, "adv": cfg.lambda_adv, "oh": cfg.lambda_oh, "uni": cfg.lambda_uni}
     task = f"synthesis epoch {epoch}"
 
-    best_loss = math.inf
-    best_x: Tensor | None = None
-    best_log: dict[str, float] = {}
+    def amp() -> contextlib.AbstractContextManager:
+        return autocast(device, precision)
+
+    # device-side selection state (best_mem) and non-finite flag: read once after the steps
+    f64 = dict(dtype=torch.float64, device=device)
+    best_loss = torch.full((), math.inf, device=device)
+    best_x = torch.zeros(y.numel(), channels, height, width, device=device)
+    best_step = torch.zeros((), dtype=torch.long, device=device)
+    best_terms = torch.zeros(len(_TERMS), **f64)  # bn, adv, oh, uni of the kept step
+    best_robust = torch.zeros((), **f64)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    bad_values = torch.zeros(1 + len(_TERMS), **f64)  # total, bn, adv, oh, uni of the first bad step
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_eval(teacher))
         if student is not None:
@@ -266,47 +289,68 @@ def synthesize_epoch(
         stack.enter_context(torch.enable_grad())
         for step in range(cfg.steps):
             x = gen(z)
-            xa = augment(x, cfg.augment_pad, cfg.augment_flip, generator)
+            xa = augment(x, cfg.augment_pad, cfg.augment_flip, step_generator)
             bn_loss.enabled = True
             bn_loss.collect()  # drop anything recorded outside this step
-            feats = teacher.forward_features(xa)
-            t = teacher.forward_head(feats)
+            with amp():
+                feats = teacher.forward_features(xa)
+                t = teacher.forward_head(feats).float()
             bn_loss.enabled = False
             l_bn = bn_loss.collect()
             zero = t.new_zeros(())
             terms = {"bn": zero if l_bn is None else l_bn, "adv": zero, "oh": F.cross_entropy(t, y_dev), "uni": zero}
             if use_adv:
-                terms["adv"] = -ikl(t, student(xa))
-            robust_frac = 0.0
+                with amp():
+                    s = student(xa).float()
+                terms["adv"] = -ikl(t, s)
+            robust = torch.zeros((), **f64)
             if use_uni:
-                sigma = ib_fit(teacher, feats, y_dev, steps=cfg.ib_steps, lr=cfg.ib_lr, beta=cfg.ib_beta, generator=generator)
+                with amp():
+                    sigma = ib_fit(teacher, feats, y_dev, steps=cfg.ib_steps, lr=cfg.ib_lr, beta=cfg.ib_beta,
+                                   generator=step_generator)
                 mask = robust_mask(sigma, feats, cfg.ib_threshold)
-                robust_frac = float(mask.mean())
-                terms["uni"] = uniformity_loss(teacher, feats, mask)
-            values = {name: float(terms[name].detach()) for name in _TERMS}
-            bad = [name for name in _TERMS if not math.isfinite(values[name])]
-            if bad:
-                shown = ", ".join(f"L_{name} = {values[name]}" for name in bad)
-                raise FerdError(
-                    f"synthesis epoch {epoch}, step {step}: non-finite generator loss term ({shown}); "
-                    "check the teacher checkpoint (NaN/inf weights or BN statistics) and lower fae.lr_g / fae.lr_z"
-                )
+                robust = mask.float().mean().double()
+                with amp():
+                    terms["uni"] = uniformity_loss(teacher, feats, mask)
             loss = sum(weights[name] * terms[name] for name in _TERMS)
-            total = float(loss.detach())
-            if not math.isfinite(total):
-                raise FerdError(f"synthesis epoch {epoch}, step {step}: the total generator loss is not finite ({total})")
-            if total < best_loss:
-                best_loss = total
-                best_x = x.detach().float().cpu().clone()
-                best_log = {"step": float(step), "total": total, **values, "robust_channels": robust_frac}
+            with torch.no_grad():
+                total = loss.detach()
+                values = torch.stack([terms[name].detach().double() for name in _TERMS])
+                step_values = torch.cat([total.double().reshape(1), values])
+                newly_bad = ~torch.isfinite(step_values).all() & (first_bad < 0)
+                first_bad = torch.where(newly_bad, step, first_bad)
+                bad_values = torch.where(newly_bad, step_values, bad_values)
+                better = total < best_loss  # strict: the first of equal losses stays (NaN never wins)
+                best_loss = torch.where(better, total, best_loss)
+                best_x = torch.where(better, x.detach(), best_x)
+                best_step = torch.where(better, step, best_step)
+                best_terms = torch.where(better, values, best_terms)
+                best_robust = torch.where(better, robust, best_robust)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step_acc = float((t.detach().argmax(dim=1) == y_dev).float().mean())
-            progress(task, step + 1, cfg.steps, {"loss": total, "teacher_acc": step_acc})
+            if step + 1 < cfg.steps:
+                progress(task, step + 1, cfg.steps, {})
 
-        assert best_x is not None  # cfg.steps >= 1
+        # the one read-back of the epoch
+        summary = torch.cat([first_bad.double().reshape(1), bad_values, best_step.double().reshape(1),
+                             best_loss.double().reshape(1), best_terms, best_robust.reshape(1)]).tolist()
+        bad_step = int(summary[0])
+        if bad_step >= 0:
+            bad_total, bad_terms = summary[1], dict(zip(_TERMS, summary[2:2 + len(_TERMS)], strict=True))
+            bad = [name for name in _TERMS if not math.isfinite(bad_terms[name])]
+            if bad:
+                shown = ", ".join(f"L_{name} = {bad_terms[name]}" for name in bad)
+                raise FerdError(
+                    f"synthesis epoch {epoch}, step {bad_step}: non-finite generator loss term ({shown}); "
+                    "check the teacher checkpoint (NaN/inf weights or BN statistics) and lower fae.lr_g / fae.lr_z"
+                )
+            raise FerdError(f"synthesis epoch {epoch}, step {bad_step}: the total generator loss is not finite ({bad_total})")
+        kept = summary[2 + len(_TERMS):]
+        best_log = {"step": kept[0], "total": kept[1], **dict(zip(_TERMS, kept[2:2 + len(_TERMS)], strict=True)),
+                    "robust_channels": kept[-1]}
         with torch.no_grad():
-            pred = teacher(best_x.to(device)).argmax(dim=1).cpu()
+            pred = teacher(best_x).argmax(dim=1).cpu()
     best_log["teacher_acc"] = float((pred == y).float().mean())
-    return EpochSynthesis(x=best_x.clamp_(0.0, 1.0), y=y, log=best_log)
+    progress(task, cfg.steps, cfg.steps, {"loss": best_log["total"], "teacher_acc": best_log["teacher_acc"]})
+    return EpochSynthesis(x=best_x.float().cpu().clamp_(0.0, 1.0), y=y, log=best_log)
