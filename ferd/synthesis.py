@@ -14,6 +14,10 @@ The same :class:`Synthesizer` serves both schedules:
   adversarially distilled student.
 - ``interleaved`` (the paper's alternation): ``synth-fae`` makes only the warm-up epochs and
   ``distill`` calls :meth:`Synthesizer.epoch` with the live student before each student epoch.
+
+The pool of ``synthesize_pool`` is one preallocated buffer filled epoch by epoch (no growing
+``torch.cat``); its run-state checkpoints reference each epoch's rows as a part written once
+(``ferd.runstate.row_parts``), so a save costs one batch, not the whole pool.
 """
 
 from __future__ import annotations
@@ -57,10 +61,11 @@ class Synthesizer:
         device: Any,
         state: SynthesisState,
         progress: Progress = no_progress,
+        precision: str = "fp32",
     ) -> None:
         self.teacher, self.fae, self.probe, self.reweight = teacher, fae, probe, reweight
         self.num_classes, self.image_shape, self.eps, self.seed = num_classes, image_shape, eps, seed
-        self.device, self.state, self.progress = device, state, progress
+        self.device, self.state, self.progress, self.precision = device, state, progress, precision
 
     def epoch(self, epoch: int, student: nn.Module | None) -> tuple[Tensor, Tensor, dict[str, float]]:
         """Synthesise epoch ``epoch`` (1-based) against ``student``; update p; return (x, y, log row).
@@ -76,7 +81,7 @@ class Synthesizer:
         kept = synthesize_epoch(
             self.teacher, student, p_used.float(), self.fae, image_shape=self.image_shape,
             generator=torch_generator(self.seed, f"synth-fae/epoch-{epoch}"), device=self.device,
-            progress=self.progress, epoch=epoch,
+            progress=self.progress, epoch=epoch, precision=self.precision,
         )
         result = probe_teacher(
             self.teacher, kept.x, kept.y, self.num_classes, eps=self.eps, alpha=self.probe.step_size * self.eps,
@@ -144,14 +149,17 @@ def synthesize_pool(
     resume: dict[str, Any] | None = None,
     save_state: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress = no_progress,
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor, Tensor, SynthesisState]:
     """The ``synth-fae`` stage: ``epochs`` synthesis epochs with a shadow student; (x, y, epoch, state).
 
-    ``save_state(state)`` receives a plain dict after every epoch (the pool so far, the loop state,
-    the shadow student, its sampling generator); ``resume=state`` continues from it bit for bit
-    (each epoch's own randomness is derived from (seed, epoch)).
+    ``save_state(state)`` receives a dict after every epoch (the pool so far as ``pool``: a list of
+    ``ferd.runstate.Part``, one per epoch; the loop state, the shadow student, its sampling
+    generator); ``resume=state`` continues from it bit for bit (each epoch's own randomness is
+    derived from (seed, epoch)); a loaded state holds each part as a dict of tensors.
     """
     from ferd.models import build_model
+    from ferd.runstate import join_parts, row_parts
 
     c, h, _w = image_shape
     torch.manual_seed(derive_seed(seed, "synth-fae/shadow-init"))
@@ -159,30 +167,67 @@ def synthesize_pool(
                          width=fae.shadow_width).to(device).eval()
     state = SynthesisState(p=p0.double().clone())
     g_shadow = torch_generator(seed, "synth-fae/shadow")
-    xs, ys, es = [], [], []
+    pool = _Rows(image_shape, capacity=max(epochs, 0) * fae.batch_size)  # one kept batch per epoch
     start = 1
     if resume is not None:
         state = SynthesisState(**resume["synthesis"])
         shadow.load_state_dict(resume["shadow"])
         g_shadow.set_state(resume["g_shadow"])
-        xs, ys, es = [resume["x"]], [resume["y"]], [resume["epoch_of_image"]]
+        if resume["pool"]:
+            done = join_parts(resume["pool"])
+            pool.append(done["x"], done["y"], done["epoch_of_image"])
         start = resume["epoch"] + 1
     synth = Synthesizer(teacher, fae, probe, reweight, num_classes=num_classes, image_shape=image_shape, eps=eps,
-                        seed=seed, device=device, state=state, progress=progress)
+                        seed=seed, device=device, state=state, progress=progress, precision=precision)
     for epoch in range(start, epochs + 1):
         x, y, _row = synth.epoch(epoch, shadow)
-        xs.append(x)
-        ys.append(y)
-        es.append(torch.full((len(y),), epoch, dtype=torch.long))
-        train_shadow(shadow, teacher, torch.cat(xs), steps=fae.shadow_steps, batch_size=fae.batch_size,
+        pool.append(x, y, torch.full((len(y),), epoch, dtype=torch.long))
+        train_shadow(shadow, teacher, pool.x, steps=fae.shadow_steps, batch_size=fae.batch_size,
                      lr=fae.shadow_lr, generator=g_shadow, device=device)
         progress("synthesis epochs", epoch, epochs, {"teacher_acc": _row.get("teacher_acc", float("nan"))})
         if save_state is not None:
-            save_state({"epoch": epoch, "x": torch.cat(xs), "y": torch.cat(ys), "epoch_of_image": torch.cat(es),
+            columns = {"x": pool.x, "y": pool.y, "epoch_of_image": pool.epoch}
+            save_state({"epoch": epoch, "pool": row_parts("pool", columns, pool.epoch),
                         "synthesis": asdict(state), "shadow": shadow.state_dict(), "g_shadow": g_shadow.get_state()})
-    if not xs:  # interleaved with no warm-up: the pool starts empty
-        return torch.zeros(0, *image_shape), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), state
-    return torch.cat(xs), torch.cat(ys), torch.cat(es), state
+    return pool.x, pool.y, pool.epoch, state
+
+
+class _Rows:
+    """The synth-fae pool: preallocated CPU rows (images, labels, epochs) filled batch by batch.
+
+    ``x``/``y``/``epoch`` are views of the filled rows. Appending beyond the capacity (not the case
+    for one batch of ``fae.batch_size`` per epoch) doubles the buffers, so appends stay linear.
+    """
+
+    def __init__(self, image_shape: tuple[int, ...], capacity: int) -> None:
+        self._x = torch.empty(capacity, *image_shape)
+        self._y = torch.empty(capacity, dtype=torch.long)
+        self._e = torch.empty(capacity, dtype=torch.long)
+        self.n = 0
+
+    def append(self, x: Tensor, y: Tensor, epoch: Tensor) -> None:
+        k = len(y)
+        if self.n + k > len(self._y):
+            cap = max(2 * len(self._y), self.n + k)
+            self._x = torch.cat([self._x[:self.n], torch.empty(cap - self.n, *self._x.shape[1:])])
+            self._y = torch.cat([self._y[:self.n], torch.empty(cap - self.n, dtype=torch.long)])
+            self._e = torch.cat([self._e[:self.n], torch.empty(cap - self.n, dtype=torch.long)])
+        self._x[self.n:self.n + k] = x
+        self._y[self.n:self.n + k] = y
+        self._e[self.n:self.n + k] = epoch
+        self.n += k
+
+    @property
+    def x(self) -> Tensor:
+        return self._x[:self.n]
+
+    @property
+    def y(self) -> Tensor:
+        return self._y[:self.n]
+
+    @property
+    def epoch(self) -> Tensor:
+        return self._e[:self.n]
 
 
 def pool_arrays(x: Tensor, y: Tensor, epoch: Tensor, state: SynthesisState) -> dict[str, Any]:

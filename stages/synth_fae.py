@@ -63,6 +63,7 @@ def command(
             model, params.fae, params.probe, params.reweight, epochs=epochs, p0=torch.tensor(cw["p"], dtype=torch.float64),
             num_classes=info.num_classes, image_shape=tuple(info.image_shape), eps=params.data.eps, seed=params.seed,
             device=device, resume=resume_from(run_state, "synth-fae"), save_state=save_state, progress=progress,
+            precision=params.runtime.precision,
         )
     attrs = {"num_classes": info.num_classes, "class_names": list(info.class_names), "seed": params.seed,
              "image_shape": list(info.image_shape), "schedule": params.distill.schedule,

@@ -188,3 +188,67 @@ def test_sigkilled_distill_resumes_to_the_uninterrupted_student(tmp_path):
     assert (killed / "data/student/student.safetensors").read_bytes() == (clean / "data/student/student.safetensors").read_bytes()
     assert (killed / "metrics/distill.csv").read_bytes() == (clean / "metrics/distill.csv").read_bytes()
     assert not state_files[0].exists()
+
+
+def _part_files(rs: RunState) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(rs.dir.glob("part-*.safetensors"))}
+
+
+def test_checkpoints_append_pool_parts_and_never_rewrite_them(tmp_path, tiny_teacher):
+    """Each synthesis epoch's images go into their own part file, written once; later saves, and a
+    resumed run (a new RunState, as after a kill), only reference them."""
+    from ferd.artifacts import load_model
+    from ferd.config import load_params
+    from ferd.synthesis import synthesize_pool
+
+    params = load_params(write_params(tmp_path / "p.yaml", tiny_params()))
+    teacher, _ = load_model(tiny_teacher)
+    kw = dict(p0=torch.full((4,), 0.25, dtype=torch.float64), num_classes=4, image_shape=(1, 16, 16), eps=0.1, seed=0,
+              device="cpu")
+    rs = RunState(tmp_path / "runs", "synth-fae", {"k": 1})
+    seen = []
+
+    def save(state):
+        rs.save(state)
+        seen.append(_part_files(rs))
+
+    synthesize_pool(teacher, params.fae, params.probe, params.reweight, epochs=2, save_state=save, **kw)
+    assert [len(s) for s in seen] == [1, 2]
+    assert seen[1].items() >= seen[0].items()  # epoch 1's file is the very same file after epoch 2's save
+    assert len(seen[1]) == 2 and all(name.startswith("part-pool-") for name in seen[1])
+
+    again = RunState(tmp_path / "runs", "synth-fae", {"k": 1})
+    resume = again.load()
+    assert [part["y"].shape[0] for part in resume["pool"]] == [16, 16]
+    x, y, e, _ = synthesize_pool(teacher, params.fae, params.probe, params.reweight, epochs=3, resume=resume,
+                                 save_state=again.save, **kw)
+    after = _part_files(again)
+    assert len(after) == 3 and after.items() >= seen[1].items()
+    x_full, y_full, e_full, _ = synthesize_pool(teacher, params.fae, params.probe, params.reweight, epochs=3, **kw)
+    assert torch.equal(x, x_full) and torch.equal(y, y_full) and torch.equal(e, e_full)
+
+    next(again.dir.glob("part-*.safetensors")).unlink()
+    with pytest.raises(ArtifactError, match="delete"):
+        RunState(tmp_path / "runs", "synth-fae", {"k": 1}).load()
+
+
+def test_distill_checkpoints_write_the_pool_once(tmp_path):
+    from ferd.config import DistillConfig, UtaeConfig
+    from ferd.distill import DistillState, train_student
+    from tests.test_distill import _net, _pool, _teacher
+
+    rs = RunState(tmp_path / "runs", "distill", {"k": 1})
+    seen = []
+
+    def save(snapshot):
+        rs.save(snapshot.to_dict())
+        seen.append(_part_files(rs))
+
+    pool = _pool(3, 16)
+    cfg = DistillConfig(steps=2, batch_size=16, holdout_per_class=1)
+    train_student(_net(1), _teacher(), pool, cfg, UtaeConfig(steps=1), total_epochs=4, warmup=1, eps=0.1, seed=0,
+                  device="cpu", on_epoch_end=save)
+    assert len(seen) == 3 and len(seen[0]) == 3  # one part per synthesis epoch of the pool, at the first save
+    assert seen[0] == seen[1] == seen[2]  # never rewritten
+    back = DistillState.from_dict(rs.load())
+    assert torch.equal(back.pool.x, pool.x) and torch.equal(back.pool.epoch, pool.epoch) and back.epoch == 3
