@@ -18,10 +18,21 @@ images synthesised in epochs ≤ warmup + k. ``staged``: the cached pool already
 
 A fixed class-balanced holdout of pool images (never trained on) gives a per-epoch synthetic
 clean / PGD-10 curve against the teacher's labels. No test set is ever touched here.
+
+The step loop does not synchronise with the host (docs/gpu.md): the pool images (and cached UTAE
+perturbations) stay on the compute device when they fit in ``POOL_DEVICE_FRACTION`` of its free
+memory (else batches are gathered on the CPU into pinned buffers and copied without blocking);
+batch indices, augmentation and UTAE start noise are drawn there (``ferd.runtime.device_generator``:
+the CPU generators themselves on the CPU, so CPU runs are unchanged); losses and agreement counts
+are summed on the device in float64 and read, with a non-finite-loss flag, once per epoch. The pool
+grows in a preallocated buffer (:meth:`Pool.append`), and run-state checkpoints store it as
+append-only parts. ``precision="bf16"`` runs the teacher and student forward passes (and the
+adversary's) under CUDA autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -38,7 +49,7 @@ from ferd.augment import apply_augment, augment_params
 from ferd.config import DistillConfig, UtaeConfig
 from ferd.errors import FerdError
 from ferd.losses import soft_label_loss
-from ferd.runtime import Progress, no_progress, torch_generator
+from ferd.runtime import Progress, autocast, device_generator, no_progress, torch_generator
 
 __all__ = [
     "LOG_COLUMNS",
@@ -66,6 +77,10 @@ LOG_COLUMNS = (
 #: PGD of the per-epoch holdout curve: 10 steps of eps/4 (random start from a fixed seeded generator).
 HOLDOUT_PGD_STEPS = 10
 
+#: The pool (at its final size) and the cached UTAE perturbations are kept on a CUDA device when they
+#: take at most this fraction of its free memory; otherwise batches come from pinned CPU memory.
+POOL_DEVICE_FRACTION = 0.25
+
 
 # --------------------------------------------------------------------------------------------
 # loss
@@ -91,13 +106,25 @@ def student_loss(
 # pool
 
 
+class _Storage:
+    """Preallocated rows behind one or more :class:`Pool` views; ``n`` rows are filled."""
+
+    def __init__(self, x: Tensor, y: Tensor, epoch: Tensor, n: int) -> None:
+        self.x, self.y, self.epoch, self.n = x, y, epoch, n
+
+
 @dataclass
 class Pool:
-    """The append-only synthetic pool (§2.4): images, labels, and the synthesis epoch (≥ 1) of each."""
+    """The append-only synthetic pool (§2.4): images, labels, and the synthesis epoch (≥ 1) of each.
+
+    ``x`` may live on the compute device; ``y`` and ``epoch`` stay where they were created (the CPU
+    in ``distill``), so index bookkeeping never synchronises with a device.
+    """
 
     x: Tensor
     y: Tensor
     epoch: Tensor
+    _storage: _Storage | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.x.shape[0] if self.x.ndim else -1
@@ -117,14 +144,38 @@ class Pool:
         """Indices (int64, ascending) of the images synthesised in epochs ≤ ``upto_epoch``."""
         return torch.nonzero(self.epoch <= upto_epoch, as_tuple=False).flatten()
 
-    def append(self, x: Tensor, y: Tensor, epoch: int) -> Pool:
-        """A new pool with batch ``(x, y)`` of synthesis epoch ``epoch`` appended (self is unchanged)."""
+    def append(self, x: Tensor, y: Tensor, epoch: int, reserve: int = 0) -> Pool:
+        """A new pool with batch ``(x, y)`` of synthesis epoch ``epoch`` appended (self is unchanged).
+
+        The rows go into spare capacity of a preallocated buffer shared with ``self`` (no copy of the
+        pool); without room (or when ``self`` is not the buffer's newest view) a new buffer is made
+        for ``max(len + len(x), len + reserve, 2·len)`` rows: pass ``reserve`` = the rows still to
+        come (this batch included) to allocate the final size once.
+        """
         x = x.detach().to(device=self.x.device, dtype=self.x.dtype)
         if x.shape[1:] != self.x.shape[1:]:
             raise ValueError(f"Pool.append: images of shape {tuple(x.shape[1:])}, the pool holds {tuple(self.x.shape[1:])}")
         y = y.detach().to(device=self.y.device, dtype=self.y.dtype)
-        ep = torch.full((x.shape[0],), int(epoch), dtype=self.epoch.dtype, device=self.epoch.device)
-        return Pool(torch.cat([self.x, x]), torch.cat([self.y, y]), torch.cat([self.epoch, ep]))
+        if y.shape != x.shape[:1]:
+            raise ValueError(f"Pool.append: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
+        n, k = len(self), x.shape[0]
+        st = self._storage
+        if st is None or st.n != n or st.x.shape[0] < n + k:
+            cap = max(n + k, n + reserve, 2 * n)
+            st = _Storage(torch.empty((cap, *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device),
+                          torch.empty(cap, dtype=self.y.dtype, device=self.y.device),
+                          torch.empty(cap, dtype=self.epoch.dtype, device=self.epoch.device), n)
+            st.x[:n], st.y[:n], st.epoch[:n] = self.x, self.y, self.epoch
+        st.x[n:n + k], st.y[n:n + k] = x, y
+        st.epoch[n:n + k] = int(epoch)
+        st.n = n + k
+        return Pool(st.x[:n + k], st.y[:n + k], st.epoch[:n + k], _storage=st)
+
+    def to(self, device: torch.device | str) -> Pool:
+        """The pool with its images on ``device`` (``self`` when they are there already)."""
+        if self.x.device == torch.device(device):
+            return self
+        return Pool(self.x.to(device), self.y, self.epoch)
 
 
 def split_holdout(pool: Pool, per_class: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -171,16 +222,24 @@ class DistillState:
     holdout_idx: Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dicts / lists / tensors (for :class:`ferd.runstate.RunState`)."""
+        """Nested dicts / lists / tensors for :class:`ferd.runstate.RunState`; the pool as append-only
+        parts (one per synthesis epoch, ``ferd.runstate.row_parts``), written once each."""
+        from ferd.runstate import row_parts
+
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["pool"] = None if self.pool is None else {"x": self.pool.x, "y": self.pool.y, "epoch": self.pool.epoch}
+        if self.pool is not None:
+            columns = {"x": self.pool.x, "y": self.pool.y, "epoch": self.pool.epoch}
+            out["pool"] = row_parts("pool", columns, self.pool.epoch)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DistillState:
+        """The inverse of :meth:`to_dict` after a :class:`ferd.runstate.RunState` round trip (parts loaded)."""
+        from ferd.runstate import join_parts
+
         data = dict(data)
         if data.get("pool") is not None:
-            data["pool"] = Pool(**data["pool"])
+            data["pool"] = Pool(**join_parts(data["pool"]))
         return cls(**data)
 
 
@@ -202,6 +261,43 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_to_device(v, device) for v in obj)
     return obj
+
+
+def _fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` may live on ``device`` (always on the CPU; on CUDA: POOL_DEVICE_FRACTION of free memory)."""
+    if device.type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes <= POOL_DEVICE_FRACTION * free
+
+
+class _PinnedGather:
+    """Batches of rows of CPU tensors, gathered into pinned buffers and copied to the device without blocking.
+
+    Two buffers per tensor alternate; before a buffer is refilled, the event recorded after its last
+    copy is waited for (long done by then). The batch indices come from the device, so this path
+    costs one small device-to-host copy per step (the price of a pool that does not fit).
+    """
+
+    def __init__(self, sources: list[Tensor], rows: int, device: torch.device) -> None:
+        self.sources, self.device = sources, device
+        self.buffers = [[torch.empty((rows, *t.shape[1:]), dtype=t.dtype).pin_memory() for t in sources] for _ in range(2)]
+        self.events: list[Any] = [None, None]
+        self.turn = 0
+
+    def __call__(self, index: Tensor) -> list[Tensor]:
+        slot, self.turn = self.turn, 1 - self.turn
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()
+        index = index.cpu()
+        out = []
+        for src, buf in zip(self.sources, self.buffers[slot], strict=True):
+            staged = buf[:index.numel()]
+            torch.index_select(src, 0, index, out=staged)
+            out.append(staged.to(self.device, non_blocking=True))
+        self.events[slot] = torch.cuda.Event()
+        self.events[slot].record()
+        return out
 
 
 @torch.no_grad()
@@ -226,6 +322,7 @@ def train_student(
     state: DistillState | None = None,
     on_epoch_end: Callable[[DistillState], None] | None = None,
     progress: Progress = no_progress,
+    precision: str = "fp32",
 ) -> DistillState:
     """Distil ``teacher`` into ``student`` for student epochs k = 1..(total_epochs − warmup) (§3 C).
 
@@ -235,8 +332,11 @@ def train_student(
     from ``gen-utae``) is required by ``cfg.utae_init == "cached"``: the UTAE then starts from the
     cached perturbed image under the same augmentation and runs ``cfg.cached_steps`` steps.
     ``state`` continues a run from a snapshot; ``on_epoch_end(state)`` receives a snapshot after
-    every epoch. ``progress("distill", step, total, info)`` after every step. The teacher is used
-    frozen in eval mode; the student is left in eval mode. Returns the final state.
+    every epoch. ``progress("distill", step, total, {})`` after every step, with ``epoch`` and the
+    epoch's mean ``loss`` at its last step. A non-finite loss raises ``FerdError`` naming the epoch
+    and its first bad step, once that epoch's steps are done. The teacher is used frozen in eval
+    mode; the student is left in eval mode. ``precision="bf16"``: CUDA autocast of the forward
+    passes. Returns the final state.
     """
     device = torch.device(device)
     if not 0 <= warmup < total_epochs:
@@ -282,6 +382,22 @@ def train_student(
         log = [dict(row) for row in state.log]
         start_k = state.epoch + 1
 
+    # where the pool lives: on the device when it fits (at its final size), else pinned staging
+    rows_per_epoch = len(pool) / max(1, int(pool.epoch.max()))
+    final_rows = len(pool) + (student_epochs * rows_per_epoch if synthesize is not None else 0)
+    row_bytes = pool.x[:1].nelement() * pool.x.element_size() * (2 if cached else 1)
+    resident = _fits_on_device(int(final_rows * row_bytes), device)
+    if resident:
+        pool = pool.to(device)
+        if cached:
+            cached_delta = cached_delta.to(device)
+    else:
+        pool = pool.to("cpu")
+        gather = _PinnedGather([pool.x, *([cached_delta] if cached else [])], cfg.batch_size, device)
+
+    def amp() -> contextlib.AbstractContextManager:
+        return autocast(device, precision)
+
     total_steps = student_epochs * cfg.steps
     last = state
     with frozen_eval(teacher):
@@ -292,53 +408,78 @@ def train_student(
             if synthesize is not None:
                 student.eval()  # the generator phase sees the student in eval mode (§3 A)
                 xs, ys = synthesize(epoch, student)
-                pool = pool.append(xs.cpu(), ys.cpu(), epoch)
+                pool = pool.append(xs, ys.cpu(), epoch, reserve=(student_epochs - k + 1) * xs.shape[0])
+                if not resident:
+                    gather.sources[0] = pool.x
             is_hold = torch.zeros(len(pool), dtype=torch.bool)
             is_hold[holdout_idx] = True
             idx = torch.nonzero((pool.epoch <= epoch) & ~is_hold, as_tuple=False).flatten()
             if idx.numel() == 0:
                 raise FerdError(f"distill: epoch {epoch} has no training images (pool epochs <= {epoch}, holdout removed)")
             lr = optimizer.param_groups[0]["lr"]
-            sums = {"loss": 0.0, "loss_clean": 0.0, "loss_adv": 0.0, "agree": 0.0, "agree_adv": 0.0}
+            # this epoch's per-step generators on the device (the CPU generators themselves on the CPU)
+            dev_gens = {name: device_generator(g, device) for name, g in gens.items()}
+            sample_device = dev_gens["sample"].device
+            n_idx, idx = idx.numel(), idx.to(sample_device)
+            # float64 sums on the device: loss, loss_clean, loss_adv, agree, agree_adv (equal to Python-float sums)
+            sums = torch.zeros(5, dtype=torch.float64, device=device)
+            first_bad = torch.full((), -1, dtype=torch.long, device=device)
+            bad_parts = torch.zeros(3, dtype=torch.float64, device=device)  # loss_clean, loss_adv, loss
             seen = 0
             for step in range(1, cfg.steps + 1):
-                b = idx[torch.randint(idx.numel(), (cfg.batch_size,), generator=gens["sample"])]
-                x_raw = pool.x[b]
-                aug = augment_params(x_raw.shape[0], cfg.augment_pad, cfg.augment_flip, gens["augment"])
-                x_f = apply_augment(x_raw, cfg.augment_pad, aug).to(device)
-                with torch.no_grad():
-                    t = teacher(x_f)
-                if cached:
-                    start = apply_augment((x_raw + cached_delta[b].to(x_raw.dtype)).clamp(0.0, 1.0), cfg.augment_pad, aug)
-                    x_u = craft_adversary(student, x_f, t, cfg, utae, eps=eps, generator=gens["utae"],
-                                          start=start.to(device), steps=cfg.cached_steps)
+                b = idx[torch.randint(n_idx, (cfg.batch_size,), generator=dev_gens["sample"], device=sample_device)]
+                if resident:
+                    x_raw = pool.x[b]
+                    delta = cached_delta[b] if cached else None
                 else:
-                    x_u = craft_adversary(student, x_f, t, cfg, utae, eps=eps, generator=gens["utae"])
+                    x_raw, *rest = gather(b)
+                    delta = rest[0] if cached else None
+                aug = augment_params(x_raw.shape[0], cfg.augment_pad, cfg.augment_flip, dev_gens["augment"])
+                x_f = apply_augment(x_raw, cfg.augment_pad, aug).to(device)
+                with torch.no_grad(), amp():
+                    t = teacher(x_f).float()
+                with amp():
+                    if cached:
+                        start = apply_augment((x_raw + delta.to(x_raw.dtype)).clamp(0.0, 1.0), cfg.augment_pad, aug)
+                        x_u = craft_adversary(student, x_f, t, cfg, utae, eps=eps, generator=dev_gens["utae"],
+                                              start=start.to(device), steps=cfg.cached_steps)
+                    else:
+                        x_u = craft_adversary(student, x_f, t, cfg, utae, eps=eps, generator=dev_gens["utae"])
                 t_adv = None
                 if needs_teacher_on_adversary(cfg.adversary):
-                    with torch.no_grad():
-                        t_adv = teacher(x_u)
+                    with torch.no_grad(), amp():
+                        t_adv = teacher(x_u).float()
                 student.train()
-                s_clean = student(x_f)
-                s_adv = student(x_u)
+                with amp():
+                    s_clean = student(x_f).float()
+                    s_adv = student(x_u).float()
                 loss, parts = student_loss(t, s_clean, s_adv, cfg, t_adv)
-                if not bool(torch.isfinite(loss)):
-                    bad = next((n for n in ("loss_clean", "loss_adv") if not bool(torch.isfinite(parts[n]))), "loss")
-                    raise FerdError(f"distill: non-finite {bad} ({float(parts[bad])}) at epoch {epoch}, step {step}; "
-                                    "lower distill.lr or check the pool for NaN images")
+                with torch.no_grad():
+                    step_parts = torch.stack([parts["loss_clean"], parts["loss_adv"], parts["loss"]]).double()
+                    newly_bad = ~torch.isfinite(loss) & (first_bad < 0)
+                    first_bad = torch.where(newly_bad, step, first_bad)
+                    bad_parts = torch.where(newly_bad, step_parts, bad_parts)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
                     t_pred = t.argmax(dim=1)
-                    sums["agree"] += float((s_clean.argmax(dim=1) == t_pred).float().sum())
                     t_pred_adv = t_pred if t_adv is None else t_adv.argmax(dim=1)
-                    sums["agree_adv"] += float((s_adv.argmax(dim=1) == t_pred_adv).float().sum())
-                for name in ("loss", "loss_clean", "loss_adv"):
-                    sums[name] += float(parts[name])
+                    sums += torch.stack([parts["loss"], parts["loss_clean"], parts["loss_adv"],
+                                         (s_clean.argmax(dim=1) == t_pred).float().sum(),
+                                         (s_adv.argmax(dim=1) == t_pred_adv).float().sum()]).double()
                 seen += x_f.shape[0]
-                info = {"epoch": float(epoch), "loss": float(parts["loss"])}
-                progress("distill", (k - 1) * cfg.steps + step, total_steps, info)
+                if step < cfg.steps:
+                    progress("distill", (k - 1) * cfg.steps + step, total_steps, {})
+            # the one read-back of the epoch
+            summary = torch.cat([first_bad.double().reshape(1), bad_parts, sums]).tolist()
+            if summary[0] >= 0:
+                values = dict(zip(("loss_clean", "loss_adv", "loss"), summary[1:4], strict=True))
+                bad = next((n for n in ("loss_clean", "loss_adv") if not math.isfinite(values[n])), "loss")
+                raise FerdError(f"distill: non-finite {bad} ({values[bad]}) at epoch {epoch}, step {int(summary[0])}; "
+                                "lower distill.lr or check the pool for NaN images")
+            sums = dict(zip(("loss", "loss_clean", "loss_adv", "agree", "agree_adv"), summary[4:], strict=True))
+            progress("distill", k * cfg.steps, total_steps, {"epoch": float(epoch), "loss": sums["loss"] / cfg.steps})
             scheduler.step()
 
             student.eval()
@@ -421,7 +562,7 @@ def run_distill(
     if cfg.schedule == "interleaved":
         synth = Synthesizer(teacher, fae, params.probe, params.reweight, num_classes=info.num_classes,
                             image_shape=tuple(info.image_shape), eps=params.data.eps, seed=params.seed, device=device,
-                            state=synth_state, progress=progress)
+                            state=synth_state, progress=progress, precision=params.runtime.precision)
 
         def synthesize(epoch: int, live_student: nn.Module) -> tuple[Tensor, Tensor]:
             x, y, _row = synth.epoch(epoch, live_student)
@@ -435,7 +576,7 @@ def run_distill(
     final = train_student(
         student, teacher, pool, cfg, params.utae, total_epochs=fae.epochs, warmup=fae.warmup, eps=params.data.eps,
         seed=params.seed, device=device, cached_delta=cached_delta, synthesize=synthesize, state=state,
-        on_epoch_end=on_epoch_end, progress=progress,
+        on_epoch_end=on_epoch_end, progress=progress, precision=params.runtime.precision,
     )
     rows = []
     for row in final.log:
