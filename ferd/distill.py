@@ -208,8 +208,10 @@ class DistillState:
     """Everything needed to continue training after ``epoch`` student epochs (a snapshot; CPU copies).
 
     ``epoch``: student epochs done (k; the global epoch is ``warmup + k``). ``rng``: the states of the
-    generators of the loop (``sample``, ``augment``, ``utae``). ``pool``: the pool as it is now (it
-    grows under the interleaved schedule). ``holdout_idx``: the fixed holdout indices into the pool.
+    generators of the loop (``sample``, ``augment``, ``utae``; CPU generators: on CUDA each epoch's
+    device generators are seeded from them). ``pool``: the pool as it is now (it grows under the
+    interleaved schedule; a view, its images possibly on the device, never changed by later appends).
+    ``holdout_idx``: the fixed holdout indices into the pool.
     """
 
     student: dict[str, Tensor]
