@@ -123,6 +123,20 @@ def test_device_rng_gives_identical_students_for_a_seed(device, variant, determi
         assert torch.equal(v, s2[k]), k
 
 
+@CUDA
+def test_device_rng_gives_identical_artifacts_on_cuda(tmp_path, deterministic_kernels):
+    """The tiny chain through distill and evaluate, twice on CUDA: the same bytes (CPU: test_stages)."""
+    from tests.test_stages import OUTPUTS, run_chain
+
+    params = tiny_params(runtime={"device": "cuda", "threads": 1})
+    run_chain(tmp_path / "a", params)
+    run_chain(tmp_path / "b", params)
+    metrics = sorted(p.name for p in (tmp_path / "a" / "metrics").iterdir())
+    assert "distill.csv" in metrics and "student.json" in metrics
+    for out in [*OUTPUTS, *(f"metrics/{m}" for m in metrics)]:
+        assert (tmp_path / "a" / out).read_bytes() == (tmp_path / "b" / out).read_bytes(), out
+
+
 # --------------------------------------------------------------------------------------------
 # the hot loops read the device once per epoch
 
