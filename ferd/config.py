@@ -162,6 +162,8 @@ class ReweightConfig:
     """Class proportions p from fragility D (§2.2): softmax(D/tau) (paper), min-max (code), uniform (ablation)."""
 
     method: Literal["softmax", "minmax", "uniform"] = "softmax"
+    signal: Literal["teacher", "student", "oracle"] = "teacher"  # whose fragility drives p (oracle: real images, diagnostic)
+    floor: float = rng(0.0, ge=0.0, lt=1.0)  # every class keeps at least floor / C of the pool (0 = no floor)
     tau: float = rng(1.0, gt=0.0)
     min_p: float = rng(0.05, gt=0.0, lt=1.0)  # min-max map bounds (the reference code's 0.05..0.20)
     max_p: float = rng(0.20, gt=0.0, le=1.0)
@@ -191,7 +193,11 @@ class FaeConfig:
     ib_steps: int = rng(10, ge=1)  # IB channel-noise fit steps per generator step (paper: 50)
     ib_lr: float = rng(0.1, gt=0.0)
     ib_beta: float = rng(0.3, ge=0.0)
-    ib_threshold: Literal["global", "per-sample"] = "global"  # the code's batch-wide max, or per sample
+    ib_threshold: Literal["global", "per-sample", "ratio"] = "global"  # the code's batch-wide max, per sample, or sigma^2 > v
+    generator: Literal["fresh", "carried"] = "fresh"  # re-initialise G every epoch (paper) or carry it over (fresh z)
+    lambda_tv: float = rng(0.0, ge=0.0)  # DeepInversion image priors: total variation
+    lambda_l2: float = rng(0.0, ge=0.0)  # ... and the squared l2 norm of the centred image
+    select: Literal["batch", "image"] = "batch"  # keep the lowest-loss step's batch (paper) or each image's best step
     augment_pad: int = rng(2, ge=0)  # random shift (crop after padding) in pixels; paper: 4 on 32 px
     augment_flip: bool = False  # horizontal flips (paper: on for CIFAR; wrong for Fashion-MNIST)
     # staged schedule only: L_adv needs a student; synth-fae keeps a cheap "shadow" student that
@@ -241,6 +247,9 @@ class DistillConfig:
     holdout_per_class: int = rng(10, ge=0)  # pool images per class held out for the synthetic PGD curve
     augment_pad: int = rng(2, ge=0)
     augment_flip: bool = False
+    mix: Literal["none", "mixup", "cutmix"] = "none"  # mix pool images within a batch (teacher labels the mixture)
+    mix_alpha: float = rng(1.0, gt=0.0)  # Beta(alpha, alpha) mixing weights
+    mix_fraction: float = rng(0.5, ge=0.0, le=1.0)  # share of each batch that is mixed
 
     def __post_init__(self) -> None:
         if self.utae_init == "cached" and self.adversary != "utae":

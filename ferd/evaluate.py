@@ -2,7 +2,8 @@
 
 Clean, FGSM, PGD-k (α = step·ε, random start) and CW∞-k (PGD on the CW margin loss) run on the
 test split (or a class-balanced cap of it); AutoAttack, which is costly, runs on a class-balanced
-subset through the reference implementation. For every attack: per-class accuracy, average
+subset through the reference implementation, and PGD-k is reported on that subset too
+(``pgd_aa``: the same images, so AutoAttack ≤ PGD can be checked per class). For every attack: per-class accuracy, average
 (sample-weighted), worst class, worst-10 % of classes (≥ 100 classes) and NSD (std/mean over
 classes). Two sanity checks flag gradient masking: accuracy must fall clean ≥ FGSM ≥ PGD, and
 PGD/CW ≥ AutoAttack on the same images; PGD accuracy must fall as ε grows (the sweep).
@@ -124,6 +125,11 @@ def evaluate_model(
         per_class["autoattack"] = per_class_accuracy(aa, ys, num_classes)
         summary["autoattack"] = _summary_dict(per_class["autoattack"], float((aa == ys).double().mean()))
         images["autoattack"] = len(ys)
+        # PGD-20 on exactly the AutoAttack images: the pair the reader compares (AA must not exceed it)
+        pgd_aa = preds["pgd"][idx]
+        per_class["pgd_aa"] = per_class_accuracy(pgd_aa, ys, num_classes)
+        summary["pgd_aa"] = _summary_dict(per_class["pgd_aa"], float((pgd_aa == ys).double().mean()))
+        images["pgd_aa"] = len(ys)
         same_images = {n: float((preds[n][idx] == ys).double().mean()) for n in ("pgd", "cw")}
         same_images["autoattack"] = summary["autoattack"]["avg"]
         warnings += check_ordering(same_images, tol=max(0.01, 3 / len(ys)))  # a few images of noise

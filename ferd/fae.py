@@ -142,6 +142,7 @@ def ib_fit(
     lr: float,
     beta: float,
     generator: torch.Generator,
+    matched_init: bool = False,
 ) -> Tensor:
     """Fit the per-sample, per-channel noise scale σ = softplus(λ_r) on Z = f_l(x) (§2.3).
 
@@ -157,7 +158,11 @@ def ib_fit(
     z = z.detach().float()
     y = y.to(device=z.device, dtype=torch.long)
     v = channel_variance(z)[:, :, None, None]
-    lam = torch.zeros(z.shape[0], z.shape[1], 1, 1, device=z.device, dtype=z.dtype, requires_grad=True)
+    if matched_init:  # start at the KL optimum sigma^2 = v: the steps then move sigma by the CE term alone
+        s0 = v.sqrt()
+        lam = (s0 + torch.log(-torch.expm1(-s0))).to(z.dtype).requires_grad_(True)  # softplus^-1(sqrt(v))
+    else:
+        lam = torch.zeros(z.shape[0], z.shape[1], 1, 1, device=z.device, dtype=z.dtype, requires_grad=True)
     opt = torch.optim.Adam([lam], lr=lr)
     with frozen_eval(teacher), torch.enable_grad():
         for _ in range(steps):
@@ -173,7 +178,7 @@ def ib_fit(
     return F.softplus(lam).detach()
 
 
-def robust_mask(sigma: Tensor, z: Tensor, threshold: Literal["global", "per-sample"] = "global") -> Tensor:
+def robust_mask(sigma: Tensor, z: Tensor, threshold: Literal["global", "per-sample", "ratio"] = "global") -> Tensor:
     """M = 1[σ² > max v], ``[B, Ch, 1, 1]`` float; the max over the whole batch and all channels
     (``global``, the reference code) or over each sample's channels (``per-sample``)."""
     v = channel_variance(z)
@@ -181,10 +186,27 @@ def robust_mask(sigma: Tensor, z: Tensor, threshold: Literal["global", "per-samp
         limit = v.max()
     elif threshold == "per-sample":
         limit = v.amax(dim=1)[:, None, None, None]
+    elif threshold == "ratio":
+        limit = v[:, :, None, None]
     else:
         raise ValueError(f"robust_mask: threshold must be 'global' or 'per-sample', got {threshold!r}")
     s2 = sigma.detach().reshape(z.shape[0], z.shape[1], 1, 1).pow(2)
     return (s2 > limit).to(z.dtype)
+
+
+def uniform_kl_per_sample(logits: Tensor) -> Tensor:
+    """KL(U || softmax(logits)) per sample, [B]."""
+    num_classes = logits.shape[1]
+    return (-math.log(num_classes) - F.log_softmax(logits, dim=1)).mean(dim=1)
+
+
+def image_priors(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """DeepInversion's image priors per sample: squared total variation and the squared l2 norm of the
+    model's (normalised) input, each a mean over pixels, ``[B]`` each."""
+    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).pow(2).flatten(1).mean(dim=1)
+    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).flatten(1).mean(dim=1)
+    xn = model.normalize(x) if hasattr(model, "normalize") else x
+    return dh + dw, xn.pow(2).flatten(1).mean(dim=1)
 
 
 def uniformity_loss(teacher: nn.Module, z: Tensor, mask: Tensor) -> Tensor:
@@ -210,9 +232,10 @@ class EpochSynthesis:
     x: Tensor
     y: Tensor
     log: dict[str, float] = field(default_factory=dict)
+    gen_state: dict[str, Tensor] | None = None  # the generator after the epoch (fae.generator: carried)
 
 
-_TERMS = ("bn", "adv", "oh", "uni")
+_TERMS = ("bn", "adv", "oh", "uni", "tv", "l2")
 
 
 def synthesize_epoch(
@@ -228,6 +251,7 @@ def synthesize_epoch(
     progress: Progress = no_progress,
     epoch: int = 0,
     precision: str = "fp32",
+    gen_state: dict | None = None,
 ) -> EpochSynthesis:
     """Run one epoch of FERD's generator phase (§2.1, §2.3) and return the kept batch.
 
@@ -249,6 +273,8 @@ def synthesize_epoch(
 
     gen = build_generator(nz=cfg.nz, ngf=cfg.ngf, image_size=height, channels=channels)
     reset_generator(gen, generator)
+    if gen_state is not None:
+        gen.load_state_dict(gen_state)
     gen = gen.to(device).train()
     z = torch.randn(cfg.batch_size if labels is None else labels.numel(), cfg.nz, generator=generator)
     z = z.to(device).requires_grad_(True)
@@ -266,7 +292,11 @@ def synthesize_epoch(
     )
     use_adv = student is not None and cfg.lambda_adv > 0
     use_uni = cfg.lambda_uni > 0
-    weights = {"bn": cfg.lambda_bn, "adv": cfg.lambda_adv, "oh": cfg.lambda_oh, "uni": cfg.lambda_uni}
+    weights = {"bn": cfg.lambda_bn, "adv": cfg.lambda_adv, "oh": cfg.lambda_oh, "uni": cfg.lambda_uni,
+               "tv": cfg.lambda_tv, "l2": cfg.lambda_l2}
+    use_priors = cfg.lambda_tv > 0 or cfg.lambda_l2 > 0
+    per_image = cfg.select == "image"
+    best_score = torch.full((y.numel(),), math.inf, device=device)
     task = f"synthesis epoch {epoch}"
 
     def amp() -> contextlib.AbstractContextManager:
@@ -298,7 +328,10 @@ def synthesize_epoch(
             bn_loss.enabled = False
             l_bn = bn_loss.collect()
             zero = t.new_zeros(())
-            terms = {"bn": zero if l_bn is None else l_bn, "adv": zero, "oh": F.cross_entropy(t, y_dev), "uni": zero}
+            terms = {"bn": zero if l_bn is None else l_bn, "adv": zero, "oh": F.cross_entropy(t, y_dev), "uni": zero,
+                     "tv": zero, "l2": zero}
+            # per-image score for fae.select: image (the per-sample terms; L_bn and L_adv are batch terms)
+            score = cfg.lambda_oh * F.cross_entropy(t.detach(), y_dev, reduction="none") if per_image else None
             if use_adv:
                 with amp():
                     s = student(xa).float()
@@ -307,11 +340,19 @@ def synthesize_epoch(
             if use_uni:
                 with amp():
                     sigma = ib_fit(teacher, feats, y_dev, steps=cfg.ib_steps, lr=cfg.ib_lr, beta=cfg.ib_beta,
-                                   generator=step_generator)
+                                   generator=step_generator, matched_init=cfg.ib_threshold == "ratio")
                 mask = robust_mask(sigma, feats, cfg.ib_threshold)
                 robust = mask.float().mean().double()
                 with amp():
-                    terms["uni"] = uniformity_loss(teacher, feats, mask)
+                    uni_i = uniform_kl_per_sample(teacher.forward_head(feats * (1.0 - mask.detach())).float())
+                terms["uni"] = uni_i.mean()
+                if per_image:
+                    score = score + cfg.lambda_uni * uni_i.detach()
+            if use_priors:
+                tv_i, l2_i = image_priors(teacher, x)
+                terms["tv"], terms["l2"] = tv_i.mean(), l2_i.mean()
+                if per_image:
+                    score = score + cfg.lambda_tv * tv_i.detach() + cfg.lambda_l2 * l2_i.detach()
             loss = sum(weights[name] * terms[name] for name in _TERMS)
             with torch.no_grad():
                 total = loss.detach()
@@ -322,7 +363,12 @@ def synthesize_epoch(
                 bad_values = torch.where(newly_bad, step_values, bad_values)
                 better = total < best_loss  # strict: the first of equal losses stays (NaN never wins)
                 best_loss = torch.where(better, total, best_loss)
-                best_x = torch.where(better, x.detach(), best_x)
+                if per_image:  # each image from its own best step (L_bn, a batch term, does not enter the score)
+                    better_i = score < best_score
+                    best_score = torch.where(better_i, score, best_score)
+                    best_x = torch.where(better_i[:, None, None, None], x.detach(), best_x)
+                else:
+                    best_x = torch.where(better, x.detach(), best_x)
                 best_step = torch.where(better, step, best_step)
                 best_terms = torch.where(better, values, best_terms)
                 best_robust = torch.where(better, robust, best_robust)
@@ -353,4 +399,5 @@ def synthesize_epoch(
             pred = teacher(best_x).argmax(dim=1).cpu()
     best_log["teacher_acc"] = float((pred == y).float().mean())
     progress(task, cfg.steps, cfg.steps, {"loss": best_log["total"], "teacher_acc": best_log["teacher_acc"]})
-    return EpochSynthesis(x=best_x.float().cpu().clamp_(0.0, 1.0), y=y, log=best_log)
+    return EpochSynthesis(x=best_x.float().cpu().clamp_(0.0, 1.0), y=y, log=best_log,
+                          gen_state={k: v.detach().cpu().clone() for k, v in gen.state_dict().items()})

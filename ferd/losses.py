@@ -33,12 +33,13 @@ def uniform_kl(logits: Tensor) -> Tensor:
 
 def ikl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 100.0) -> Tensor:
     """IKL/DKL (Cui et al.): ¼·Σ w (Δt − Δs)² / Σ w  +  CE(softmax(t), softmax(s)), w = q⊗q, q = softmax(t/T2)."""
-    q = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    q = F.softmax(teacher_logits / temperature, dim=1)
     w = q.unsqueeze(2) * q.unsqueeze(1)  # [B, C, C]
     dt = teacher_logits.unsqueeze(2) - teacher_logits.unsqueeze(1)
     ds = student_logits.unsqueeze(2) - student_logits.unsqueeze(1)
     wmse = 0.25 * (w * (dt - ds) ** 2).sum() / w.sum()
-    ce = -(F.softmax(teacher_logits, dim=1) * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean()
+    # as the reference dkl_loss: the pairwise weights carry gradient, the soft target of the CE part does not
+    ce = -(F.softmax(teacher_logits, dim=1).detach() * F.log_softmax(student_logits, dim=1)).sum(dim=1).mean()
     return wmse + ce
 
 

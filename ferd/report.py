@@ -14,7 +14,8 @@ from typing import Any
 from ferd.artifacts import atomic_path, load_csv, load_json, write_bytes_atomic
 from ferd.errors import ArtifactError
 
-ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20", "cw": "CW∞", "autoattack": "AutoAttack"}
+ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20", "cw": "CW∞", "pgd_aa": "PGD-20 on the AutoAttack images",
+                 "autoattack": "AutoAttack"}
 MODEL_ORDER = ("teacher", "student")
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ferd.config import ReweightConfig
 
-__all__ = ["class_proportions", "smooth_fragility"]
+__all__ = ["class_proportions", "fill_absent", "smooth_fragility"]
 
 
 def _as_fragility(D: Tensor) -> Tensor:
@@ -29,16 +29,36 @@ def _as_fragility(D: Tensor) -> Tensor:
 
 
 def class_proportions(D: Tensor, cfg: ReweightConfig) -> Tensor:
-    """The class-sampling distribution p (float64 ``[C]``, sums to 1); more fragile classes weigh more."""
+    """The class-sampling distribution p (float64 ``[C]``, sums to 1); more fragile classes weigh more.
+
+    With ``cfg.floor`` = f > 0, p ← f/C + (1 − f)·p: every class keeps at least f/C of the pool.
+    """
     d = _as_fragility(D)
     if cfg.method == "softmax":
-        return torch.softmax(d / cfg.tau, dim=0)
-    if cfg.method == "minmax":
+        p = torch.softmax(d / cfg.tau, dim=0)
+    elif cfg.method == "minmax":
         scaled = cfg.min_p + (cfg.max_p - cfg.min_p) * (d - d.min()) / (d.max() - d.min() + 1e-8)
-        return scaled / scaled.sum()
-    if cfg.method == "uniform":
+        p = scaled / scaled.sum()
+    elif cfg.method == "uniform":
         return torch.full_like(d, 1.0 / d.numel())
-    raise ValueError(f"unknown reweighting method {cfg.method!r}; expected softmax, minmax or uniform")
+    else:
+        raise ValueError(f"unknown reweighting method {cfg.method!r}; expected softmax, minmax or uniform")
+    if cfg.floor > 0:
+        p = cfg.floor / d.numel() + (1.0 - cfg.floor) * p
+    return p
+
+
+def fill_absent(current: Tensor, present: Tensor, previous: Tensor | None) -> Tensor:
+    """D with every class that had no (counted) sample this epoch set to its previous value, or, without
+    one, to the mean over the present classes: an absent class is neither starved (D = 0 under a
+    softmax) nor promoted by a value it never earned."""
+    cur = _as_fragility(current)
+    present = torch.as_tensor(present, dtype=torch.bool).cpu()
+    if bool(present.all()):
+        return cur
+    fill = cur[present].mean() if bool(present.any()) else torch.zeros((), dtype=cur.dtype)
+    fill = torch.full_like(cur, float(fill)) if previous is None else _as_fragility(previous)
+    return torch.where(present, cur, fill)
 
 
 def smooth_fragility(previous: Tensor | None, current: Tensor, momentum: float) -> Tensor:

@@ -22,6 +22,7 @@ The pool of ``synthesize_pool`` is one preallocated buffer filled epoch by epoch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ class SynthesisState:
     p_history: list[list[float]] = field(default_factory=list)  # p used by each epoch so far
     D_history: list[list[float]] = field(default_factory=list)  # D measured after each epoch
     rows: list[dict[str, float]] = field(default_factory=list)  # per-epoch log
+    gen_state: dict[str, Tensor] | None = None  # the generator carried across epochs (fae.generator: carried)
 
 
 class Synthesizer:
@@ -62,10 +64,15 @@ class Synthesizer:
         state: SynthesisState,
         progress: Progress = no_progress,
         precision: str = "fp32",
+        real_fragility: Tensor | None = None,
+        real_images: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         self.teacher, self.fae, self.probe, self.reweight = teacher, fae, probe, reweight
         self.num_classes, self.image_shape, self.eps, self.seed = num_classes, image_shape, eps, seed
         self.device, self.state, self.progress, self.precision = device, state, progress, precision
+        self.real_fragility, self.real_images = real_fragility, real_images
+        if reweight.signal == "oracle" and real_fragility is None:
+            raise ValueError("reweight.signal oracle needs the teacher's fragility on real images (probe.real_split)")
 
     def epoch(self, epoch: int, student: nn.Module | None) -> tuple[Tensor, Tensor, dict[str, float]]:
         """Synthesise epoch ``epoch`` (1-based) against ``student``; update p; return (x, y, log row).
@@ -73,8 +80,8 @@ class Synthesizer:
         Each epoch's randomness is derived from (seed, epoch), so a resumed run repeats it exactly.
         """
         from ferd.fae import synthesize_epoch
-        from ferd.probe import probe_teacher
-        from ferd.reweight import class_proportions, smooth_fragility
+        from ferd.probe import probe_teacher, rank_correlation
+        from ferd.reweight import class_proportions, fill_absent, smooth_fragility
 
         st = self.state
         p_used = st.p
@@ -82,21 +89,51 @@ class Synthesizer:
             self.teacher, student, p_used.float(), self.fae, image_shape=self.image_shape,
             generator=torch_generator(self.seed, f"synth-fae/epoch-{epoch}"), device=self.device,
             progress=self.progress, epoch=epoch, precision=self.precision,
+            gen_state=st.gen_state if self.fae.generator == "carried" else None,
         )
+        if self.fae.generator == "carried":
+            st.gen_state = kept.gen_state
         result = probe_teacher(
             self.teacher, kept.x, kept.y, self.num_classes, eps=self.eps, alpha=self.probe.step_size * self.eps,
             steps=self.probe.steps, mode=self.probe.fragility,
             generator=torch_generator(self.seed, f"synth-fae/probe-{epoch}"),
         )
-        st.D = smooth_fragility(st.D, result.D, self.reweight.momentum)
+        x, y = kept.x.detach().cpu(), kept.y.cpu()
+        signal = self.reweight.signal
+        diagnostic = self.real_fragility
+        if signal == "teacher" or (signal == "student" and student is None):
+            counted = (result.clean_pred == y) if self.probe.fragility == "agreed" else torch.ones_like(y, dtype=torch.bool)
+            present = torch.bincount(y[counted], minlength=self.num_classes) > 0
+            measured = result.D
+        elif signal == "student":
+            # the student's robust margin w.r.t. the teacher's label, on this epoch's new images (never trained on yet)
+            sres = probe_teacher(student, x, result.clean_pred, self.num_classes, eps=self.eps,
+                                 alpha=self.probe.step_size * self.eps, steps=self.probe.steps, mode="all",
+                                 generator=torch_generator(self.seed, f"synth-fae/student-probe-{epoch}"))
+            present = torch.bincount(result.clean_pred, minlength=self.num_classes) > 0
+            measured = sres.D
+            if self.real_images is not None:
+                rx, ry = self.real_images
+                diagnostic = probe_teacher(student, rx, ry, self.num_classes, eps=self.eps,
+                                           alpha=self.probe.step_size * self.eps, steps=self.probe.steps, mode="all",
+                                           generator=torch_generator(self.seed, f"synth-fae/student-real-{epoch}")).D
+            else:
+                diagnostic = None
+        else:  # oracle: the teacher's fragility on real images (a diagnostic upper bound, never a method)
+            present = torch.ones(self.num_classes, dtype=torch.bool)
+            measured = self.real_fragility
+        measured = fill_absent(measured, present, st.D)
+        st.D = smooth_fragility(st.D, measured, self.reweight.momentum)
         st.p = class_proportions(st.D, self.reweight)
         st.p_history.append([float(v) for v in p_used])
         st.D_history.append([float(v) for v in st.D])
-        x, y = kept.x.detach().cpu(), kept.y.cpu()
         row = {"epoch": float(epoch), **{k: float(v) for k, v in kept.log.items() if k != "step"}}
         row["probe_adv_acc"] = float((result.adv_pred == y).double().mean())
         counts = torch.bincount(y, minlength=self.num_classes)
         row["classes_present"] = float((counts > 0).sum())
+        row["rank_corr"] = rank_correlation(st.D, diagnostic) if diagnostic is not None else math.nan
+        for c in range(self.num_classes):
+            row[f"agree_{c}"] = float(result.per_class_agreement[c]) if counts[c] > 0 else math.nan
         st.rows.append(row)
         return x, y, row
 
@@ -150,6 +187,8 @@ def synthesize_pool(
     save_state: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress = no_progress,
     precision: str = "fp32",
+    real_fragility: Tensor | None = None,
+    real_images: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, SynthesisState]:
     """The ``synth-fae`` stage: ``epochs`` synthesis epochs with a shadow student; (x, y, epoch, state).
 
@@ -178,7 +217,8 @@ def synthesize_pool(
             pool.append(done["x"], done["y"], done["epoch_of_image"])
         start = resume["epoch"] + 1
     synth = Synthesizer(teacher, fae, probe, reweight, num_classes=num_classes, image_shape=image_shape, eps=eps,
-                        seed=seed, device=device, state=state, progress=progress, precision=precision)
+                        seed=seed, device=device, state=state, progress=progress, precision=precision,
+                        real_fragility=real_fragility, real_images=real_images)
     for epoch in range(start, epochs + 1):
         x, y, _row = synth.epoch(epoch, shadow)
         pool.append(x, y, torch.full((len(y),), epoch, dtype=torch.long))

@@ -11,7 +11,7 @@ from rich.table import Table
 from stages._ui import RichProgress, console, handles_errors, load_stage_params, print_config, setup_torch, timed
 
 SECTIONS = ("data", "evaluate")
-COLUMNS = ("clean", "fgsm", "pgd", "cw", "autoattack")
+COLUMNS = ("clean", "fgsm", "pgd", "cw", "pgd_aa", "autoattack")
 PRODUCED_BY = {"teacher": "fetch-teacher", "student": "distill"}
 
 
@@ -46,7 +46,8 @@ def command(
 
 def _print_result(name: str, result) -> None:
     attacks = [c for c in COLUMNS if c in result.per_class]
-    label = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD", "cw": "CW∞", "autoattack": f"AA ({result.autoattack_version})"}
+    label = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD", "cw": "CW∞", "pgd_aa": "PGD (AA images)",
+             "autoattack": f"AA ({result.autoattack_version})"}
     table = Table(title=f"{name}: accuracy per class at eps {result.eps:g}", title_justify="left", show_edge=False)
     table.add_column("class", style="cyan")
     for a in attacks:

@@ -38,6 +38,8 @@ def command(
         "data/reweight/class_weights.json"),
     out: Annotated[Path, typer.Option(help="The FAE pool (HDF5).")] = Path("data/fae/pool.h5"),
     log: Annotated[Path, typer.Option(help="Per-epoch synthesis log (CSV, for dvc plots).")] = Path("metrics/synthesis.csv"),
+    probe: Annotated[Path, typer.Option(help="Probe results (the teacher's fragility on real images).")] = Path(
+        "data/probe/probe.h5"),
 ) -> None:
     """Synthesise Fairness-Aware Examples: fresh generator per epoch, re-probe and re-weight after each epoch."""
     import torch
@@ -55,6 +57,16 @@ def command(
     if len(cw.get("p", [])) != info.num_classes:
         raise ArtifactError(f"{weights}: {len(cw.get('p', []))} class proportions for a {info.num_classes}-class teacher; "
                             "rerun `ferd probe` and `ferd reweight`")
+    from ferd.artifacts import load_h5
+    from ferd.data import class_balanced_subset, load_split
+
+    probe_arrays, _ = load_h5(probe, kind="probe", produced_by="probe")
+    real_fragility = torch.as_tensor(probe_arrays["real_D"]) if "real_D" in probe_arrays else None
+    real_images = None
+    if params.probe.real_split != "none":
+        real = class_balanced_subset(load_split(params.data, params.probe.real_split), params.probe.real_per_class,
+                                     seed=params.seed)
+        real_images = (real.images(), real.y)
     epochs = params.fae.epochs if params.distill.schedule == "staged" else params.fae.warmup
     run_state = stage_run_state(params, "synth-fae", SECTIONS, [teacher, weights])
     save_state = checkpointer(run_state, params.runtime.checkpoint_every, lambda st: st["epoch"])
@@ -64,13 +76,18 @@ def command(
             num_classes=info.num_classes, image_shape=tuple(info.image_shape), eps=params.data.eps, seed=params.seed,
             device=device, resume=resume_from(run_state, "synth-fae"), save_state=save_state, progress=progress,
             precision=params.runtime.precision,
+            real_fragility=real_fragility, real_images=real_images,
         )
     attrs = {"num_classes": info.num_classes, "class_names": list(info.class_names), "seed": params.seed,
              "image_shape": list(info.image_shape), "schedule": params.distill.schedule,
              "params": {"fae": as_dict(params.fae), "probe": as_dict(params.probe), "reweight": as_dict(params.reweight)}}
     save_h5(out, kind="pool", arrays=pool_arrays(x, y, epoch, state), attrs=attrs, chunk_rows=params.fae.batch_size)
     rows = synthesis_rows(state, list(info.class_names))
-    save_csv(log, rows, [*LOG_COLUMNS, *[f"p_{n}" for n in info.class_names]])
+    for r in rows:
+        for c, n in enumerate(info.class_names):
+            r[f"agree_{n}"] = r.pop(f"agree_{c}", float("nan"))
+    save_csv(log, rows, [*LOG_COLUMNS, "rank_corr", *[f"agree_{n}" for n in info.class_names],
+                         *[f"p_{n}" for n in info.class_names]])
     if rows:
         acc = [r["teacher_acc"] for r in rows]
         console.print(f"{len(y)} images over {epochs} epochs; teacher agrees with the sampled label on "

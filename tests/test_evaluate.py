@@ -39,7 +39,8 @@ def test_evaluate_writes_metrics_and_per_class_csv(tmp_path, tiny_teacher):
     with open(metrics / "teacher_per_class.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["name"] for r in rows] == ["class0", "class1", "class2", "class3"]
-    assert list(rows[0]) == ["class", "name", "clean", "fgsm", "pgd", "cw", "autoattack"]
+    assert list(rows[0]) == ["class", "name", "clean", "fgsm", "pgd", "cw", "pgd_aa", "autoattack"]
+    assert summary["pgd_aa_images"] == summary["autoattack_images"] == 8
     assert all(0 <= float(r[a]) <= 1 for r in rows for a in ("clean", "pgd", "autoattack"))
     # the per-class mean of clean accuracy equals the average (the split is balanced)
     clean = [float(r["clean"]) for r in rows]
@@ -99,3 +100,17 @@ def test_report_writes_figure_and_summary(tmp_path, tiny_teacher):
 def test_report_without_metrics_is_an_error(tmp_path):
     result = runner.invoke(app, ["report", "--metrics-dir", str(tmp_path), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "run `ferd evaluate`" in result.output
+
+
+def test_pgd_is_reported_on_the_autoattack_images(tmp_path, tiny_teacher):
+    """With the AutoAttack subset as large as the test split, PGD on the AA images is PGD on all of them:
+    the two columns are the same predictions, not a second attack on other images."""
+    result, metrics = _evaluate(tmp_path, tiny_teacher, autoattack_per_class=12, eps_sweep=[])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((metrics / "teacher.json").read_text())
+    assert summary["pgd_aa_images"] == summary["autoattack_images"] == summary["pgd_images"] == 48
+    for key in ("avg", "worst", "nsd"):
+        assert summary[f"pgd_aa_{key}"] == summary[f"pgd_{key}"]
+    with open(metrics / "teacher_per_class.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(r["pgd_aa"] == r["pgd"] for r in rows)
