@@ -24,7 +24,7 @@ from ferd.models import build_model
 
 C = 4
 SHAPE = (1, 16, 16)
-LOG_KEYS = {"step", "total", "bn", "adv", "oh", "uni", "teacher_acc", "robust_channels"}
+LOG_KEYS = {"step", "total", "bn", "adv", "oh", "uni", "tv", "l2", "teacher_acc", "robust_channels"}
 
 
 def tiny_cnn(seed: int, width: int = 4) -> nn.Module:

@@ -3,6 +3,8 @@ stages, and a distill run killed with SIGKILL that, rerun, ends with the uninter
 
 from __future__ import annotations
 
+import json
+
 import math
 import os
 import shutil
@@ -117,7 +119,8 @@ def test_synthesis_resumes_bit_identically(tmp_path, tiny_teacher):
     x2, y2, e2, st2 = synthesize_pool(teacher, params.fae, params.probe, params.reweight, **kw, resume=states[0])
     assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(e, e2)
     a, b = asdict(st), asdict(st2)
-    assert torch.equal(a.pop("p"), b.pop("p")) and a["p_history"] == b["p_history"] and a["rows"] == b["rows"]
+    assert torch.equal(a.pop("p"), b.pop("p")) and a["p_history"] == b["p_history"]
+    assert json.dumps(a["rows"]) == json.dumps(b["rows"])  # NaN-aware: rows may hold NaN (no diagnostic)
 
 
 def test_interleaved_distill_resumes_bit_identically(tmp_path):
