@@ -9,8 +9,10 @@ simply starts over (and the stale folder can be deleted, see README "When things
 
 The run-state folder lives outside DVC's outputs (it is git-ignored and declared nowhere), so DVC
 never caches a half-finished run. The file is safetensors: tensors by name plus one JSON skeleton
-in the metadata that rebuilds the nested dicts / lists / numbers around them. Nothing is pickled.
-Writes are atomic (temp file + rename): a kill while saving leaves the previous state.
+in the metadata that rebuilds the nested dicts / lists / numbers around them, and a sha256 digest
+of both (``ferd.artifacts.tensors_digest``, checked on load: a damaged state is an error, never a
+silently different resume; format 2, issue 12). Nothing is pickled. Writes are atomic (temp file +
+rename): a kill while saving leaves the previous state.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from ferd.errors import ArtifactError
 __all__ = ["RunState", "pack", "unpack"]
 
 _META_KEY = "ferd_run_state"
-_FORMAT = 1
+_DIGEST_KEY = "ferd_run_state_digest"
+_FORMAT = 2  # part of the key: a state of another format is never found, the stage starts over
 
 
 def pack(obj: Any, tensors: dict[str, Tensor] | None = None) -> tuple[Any, dict[str, Tensor]]:
@@ -84,16 +87,19 @@ class RunState:
         """Write ``state`` atomically (replacing the previous one)."""
         from safetensors.torch import save_file
 
-        from ferd.artifacts import atomic_path
+        from ferd.artifacts import atomic_path, tensors_digest
 
         skeleton, tensors = pack(state)
+        text = json.dumps(skeleton)
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:
-            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(skeleton)})
+            save_file(tensors, str(tmp), metadata={_META_KEY: text, _DIGEST_KEY: tensors_digest(text, tensors)})
 
     def load(self) -> Any | None:
-        """The saved state, or None when there is none; a clear error for an unreadable file."""
+        """The saved state, or None when there is none; a clear error for an unreadable or damaged file."""
         from safetensors import SafetensorError, safe_open
+
+        from ferd.artifacts import tensors_digest
 
         if not self.path.is_file():
             return None
@@ -101,10 +107,15 @@ class RunState:
             with safe_open(str(self.path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-            skeleton = json.loads(meta[_META_KEY])
+            text = meta[_META_KEY]
+            intact = tensors_digest(text, tensors) == meta[_DIGEST_KEY]
+            skeleton = json.loads(text) if intact else None
         except (SafetensorError, OSError, KeyError, ValueError) as e:  # JSONDecodeError is a ValueError
             raise ArtifactError(f"{self.path}: unreadable run state ({type(e).__name__}); delete {self.dir} to start "
                                 "this stage over") from None
+        if not intact:
+            raise ArtifactError(f"{self.path}: damaged run state (checksum mismatch); delete {self.dir} to start this "
+                                "stage over")
         return unpack(skeleton, tensors)
 
     def clear(self) -> None:
