@@ -2,9 +2,8 @@
 
 Output goes to stderr through rich (stdout stays free for data a user may pipe). A ``FerdError``
 becomes one line on stderr and exit code 1; a ``FerdWarning`` one ``warning:`` line, and the
-command goes on; anything else is a bug and keeps its traceback. There
-is deliberately no ``except Exception``: it would turn ``typer.Exit`` into success and let DVC
-cache a failed stage.
+command goes on; anything else is a bug and keeps its traceback. There is deliberately no
+``except Exception``: it would turn ``typer.Exit`` into success and let DVC cache a failed stage.
 """
 
 from __future__ import annotations

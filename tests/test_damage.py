@@ -98,12 +98,16 @@ def same(a: Any, b: Any) -> bool:
         return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, torch.Tensor):
         return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-                and a.contiguous().view(torch.uint8).numpy().tobytes() == b.contiguous().view(torch.uint8).numpy().tobytes())
+                and _bytes(a) == _bytes(b))
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
     if isinstance(a, float) and isinstance(b, float) and a != a:
         return b != b
     return type(a) is type(b) and a == b
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def test_same_sees_one_changed_bit():
@@ -114,6 +118,8 @@ def test_same_sees_one_changed_bit():
     assert not same({"x": x}, {"x": y}) and not same({"m": [1]}, {"m": [1.0]})
     t = torch.arange(4.0)
     assert not same({"w": t}, {"w": t.to(torch.float64)}) and not same({"w": t}, {"w": t.reshape(2, 2)})
+    assert same({"n": torch.tensor(3)}, {"n": torch.tensor(3)}) and not same({"n": torch.tensor(3)}, {"n": torch.tensor(2)})
+    assert not same({"w": torch.tensor([0.0])}, {"w": torch.tensor([-0.0])})
 
 
 @pytest.mark.parametrize("kind", sorted(ARTIFACTS))
