@@ -7,9 +7,9 @@ metadata, compared bit for bit). Nothing else: no other exception, no changed va
 The artifacts are the tiny chain's real outputs (all six stages, one module fixture). Each is
 damaged ``DAMAGES`` times, seeded: one flipped bit, 1-63 overwritten bytes, 64-4095 overwritten
 bytes, or a truncation, anywhere in the file; every damaged copy is read with the loader the stages
-use. On the format-1 code (commit 88ae8ee) the same kind of survey (1 000 damages each) loaded
-6 pools, 1 UTAE file, 10 probe files, 477 teachers and 432 students with changed content and no
-error; docs/artifacts.md has the figures.
+use. On the format-1 code (commit 88ae8ee) the same survey with 1 000 damages each
+(benchmarks/damage_survey.py) loaded 5 pools, 3 UTAE files, 8 probe files, 496 teachers and 503
+students with changed content and no error; docs/artifacts.md has the figures.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tests.conftest import tiny_params, write_params
 from tests.test_stages import CHAIN, OUTPUTS
 
 runner = CliRunner()
-DAMAGES = 160
+DAMAGES = 500
 TEACHER, PROBE, _WEIGHTS, POOL, UTAE, STUDENT = OUTPUTS
 #: artifact kind -> (path in the chain, the stage that writes it)
 ARTIFACTS = {
