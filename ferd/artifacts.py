@@ -519,6 +519,11 @@ def load_h5(
     return arrays, attrs
 
 
+#: deflate expands at most 1032-fold; a dataset claiming more than this per file byte is damaged
+#: (a version 1 file, whose shapes carry no checksum, could otherwise ask for terabytes)
+_MAX_EXPANSION = 1100
+
+
 def _read_dataset(fh: Any, name: str, p: Path, checked: bool, produced_by: str | None) -> Any:
     """One dataset as numpy; in a checksummed file it must carry fletcher32, which HDF5 verifies per chunk."""
     import h5py
@@ -529,6 +534,9 @@ def _read_dataset(fh: Any, name: str, p: Path, checked: bool, produced_by: str |
             raise _damaged(p, f"{name} is not a dataset", produced_by)
         if checked and not ds.fletcher32:
             raise _damaged(p, f"dataset {name} has no checksum", produced_by)
+        size = p.stat().st_size
+        if ds.nbytes > _MAX_EXPANSION * size + (1 << 20):
+            raise _damaged(p, f"dataset {name} claims {ds.nbytes} bytes in a file of {size}", produced_by)
         return ds[()]
     except _H5_DAMAGE as exc:  # fletcher32 failing is "filter returned failure during read"
         reason = _h5_reason(exc)

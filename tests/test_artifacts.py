@@ -295,3 +295,13 @@ def test_version_1_teacher_through_the_cli_is_one_warning_line(tiny_teacher, tmp
     assert warned == [f"warning: {v1}: format version 1 model without checksums, loaded unverified; rerun `ferd "
                       "fetch-teacher` (or `dvc repro -f -s fetch-teacher`) to rewrite it with checksums"], result.stderr
     assert artifacts.load_h5(tmp_path / "p.h5", kind="probe")[1]["format_version"] == 2
+
+
+def test_version_1_shape_damage_is_not_a_terabyte_allocation(tmp_path):
+    """Version 1 shapes carry no checksum: a dataset claiming far more bytes than the file could hold is damage."""
+    h = tmp_path / "v1.h5"
+    _save_h5_v1(h, "pool", {"y": np.zeros(12345, dtype=np.int64)}, {})
+    data = h.read_bytes()
+    h.write_bytes(data.replace((12345).to_bytes(8, "little"), (1 << 40).to_bytes(8, "little")))
+    with pytest.raises(ArtifactError, match="damaged .dataset y claims 8796093022208 bytes in a file of"):
+        artifacts.load_h5(h, kind="pool")
