@@ -1,13 +1,14 @@
 """Damage survey: how many randomly damaged artifacts load silently (issue 12).
 
-    python benchmarks/damage_survey.py [--root DIR] [--damages 1000] [--seed 12]
+    python benchmarks/damage_survey.py [--root DIR] [--damages 1000] [--seed 12] [--every-byte]
 
 Damages each artifact (pool, UTAE file, probe file, teacher, student) ``--damages`` times with
 ``tests/test_damage.py``'s ``damage`` (a flipped bit, 1-63 or 64-4095 overwritten bytes, or a
 truncation, anywhere in the file, seeded) and reads every copy with the loader the stages use.
 Prints, per artifact: clean errors (``ArtifactError``), unchanged reads (exactly the original
 content), silent loads (no error, changed content), other exceptions, and warnings seen on
-unchanged reads. ``--root`` is a workspace holding the artifacts under dvc.yaml's paths; without it
+unchanged reads. ``--every-byte`` flips the lowest bit of every byte of every file instead (one
+read per byte: minutes). ``--root`` is a workspace holding the artifacts under dvc.yaml's paths; without it
 the tiny test chain is built in a temporary folder. It uses whichever ``ferd`` is importable, so
 the same script measures an older checkout (run it with that checkout's interpreter).
 """
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +53,21 @@ def build_chain(root: Path) -> None:
         os.chdir(cwd)
 
 
-def survey(root: Path, work: Path, damages: int, seed: int) -> None:
+def every_byte(data: bytes) -> Iterator[bytes]:
+    for i in range(len(data)):
+        yield data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
+
+
+def survey(root: Path, work: Path, damages: int | None, seed: int) -> None:
+    """``damages`` seeded damages per artifact, or (None) the lowest bit of every byte flipped."""
     for kind, (rel, _stage) in ARTIFACTS.items():
         original = root / rel
         data, reference = original.read_bytes(), read(kind, original)
         rng = np.random.default_rng(seed)
         path = work / original.name
         counts: Counter[str] = Counter()
-        for _ in range(damages):
-            blob, _how = damage(data, rng)
+        blobs = every_byte(data) if damages is None else (damage(data, rng)[0] for _ in range(damages))
+        for blob in blobs:
             path.write_bytes(blob)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -76,7 +84,8 @@ def survey(root: Path, work: Path, damages: int, seed: int) -> None:
             else:
                 counts["unchanged" + (" with a warning" if caught else "")] += 1
         text = "  ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        print(f"{kind:8s} {len(data):7d} bytes  {damages} damages: {text}", flush=True)
+        what = "every byte's bit 0 flipped" if damages is None else f"{damages} damages"
+        print(f"{kind:8s} {len(data):7d} bytes  {what}: {text}", flush=True)
 
 
 def main() -> None:
@@ -84,6 +93,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--damages", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--every-byte", action="store_true", help="flip the lowest bit of every byte instead")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ferd-damage-") as tmp:
         root = args.root
@@ -97,7 +107,7 @@ def main() -> None:
 
         print(f"ferd.artifacts from {ferd.artifacts.__file__} (format version {ferd.artifacts.FORMAT_VERSION}), "
               f"tests from {Path(tests.__file__).parent}")
-        survey(root.resolve(), work, args.damages, args.seed)
+        survey(root.resolve(), work, None if args.every_byte else args.damages, args.seed)
 
 
 if __name__ == "__main__":
