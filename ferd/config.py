@@ -88,9 +88,10 @@ class DataConfig:
     """Which dataset, where it lives, and the L-inf threat model's epsilon for it."""
 
     name: DatasetName = "fashion-mnist"
-    root: str = "data/raw"
-    download: bool = False  # allow torchvision to download when the files are not found
-    verify_checksums: bool = True  # CIFAR md5 checks (test fixtures switch them off)
+    root: str = "data/raw"  # inside the repo: `ferd fetch-data` writes the dataset to <root>/<name> (a DVC output)
+    source: str = ""  # a folder (or archive) holding the dataset for fetch-data to copy; "" = the usual places
+    download: bool = False  # let fetch-data download when no copy is found
+    verify_checksums: bool = True  # md5 checks of fetch-data and of CIFAR loading (test fixtures switch them off)
     eps: float = rng(0.1, gt=0.0, le=1.0)  # 0.1 Fashion-MNIST, 8/255 CIFAR/Tiny-ImageNet
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
