@@ -679,7 +679,10 @@ def fetch_dataset(cfg: DataConfig, *, progress: Progress = no_progress) -> Fetch
                 "tiny-imagenet": _fetch_tiny_imagenet, "synthetic": _fetch_synthetic}
     if cfg.name not in fetchers:
         raise ValueError(f"unknown dataset {cfg.name!r}")  # DataConfig validation rules this out
-    if cfg.source and not Path(cfg.source).exists():
+    if cfg.source and not Path(cfg.source).expanduser().is_absolute():
+        raise DataError(f"data.source: {cfg.source!r} is a relative path; give an absolute one (queued experiments "
+                        "run fetch-data in another folder)")
+    if cfg.source and not Path(cfg.source).expanduser().exists():
         raise DataError(f"data.source: {cfg.source} does not exist; name the folder (or archive) holding {cfg.name}, "
                         "as an absolute path, or set data.source: \"\"")
     with _staged_dir(dest) as stage:
@@ -747,7 +750,7 @@ def _md5_file(path: Path) -> str:
 
 
 def _user_source(cfg: DataConfig) -> Path | None:
-    return Path(cfg.source) if cfg.source else None
+    return Path(cfg.source).expanduser() if cfg.source else None
 
 
 def _download_failed(what: str, exc: BaseException) -> DataError:

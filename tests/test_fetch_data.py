@@ -99,6 +99,8 @@ def test_nothing_found_says_what_to_set(tmp_path: Path) -> None:
         assert hint in str(err.value)
     with pytest.raises(DataError, match="data.source: .*does not exist"):
         fetch_dataset(DataConfig(name="cifar10", root=str(tmp_path / "raw"), source=str(tmp_path / "nope")))
+    with pytest.raises(DataError, match="data.source: 'some/folder' is a relative path"):
+        fetch_dataset(DataConfig(name="fashion-mnist", root=str(tmp_path / "raw"), source="some/folder"))
     with pytest.raises(DataError, match="data.source: no Fashion-MNIST IDX files"):
         fetch_dataset(DataConfig(name="fashion-mnist", root=str(tmp_path / "raw"), source=str(tmp_path)))
     assert not (tmp_path / "raw" / "fashion-mnist").exists() and _leftovers(tmp_path / "raw") == []
