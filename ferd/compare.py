@@ -38,6 +38,7 @@ __all__ = [
     "SHARED_STAGES",
     "QueueEntry",
     "queue_entries",
+    "queue_status",
     "COLUMNS",
     "Experiment",
     "Record",
@@ -285,12 +286,16 @@ def _git(*args: str, cwd: Path) -> str:
     return proc.stdout
 
 
-def exp_show(dvc: str = "dvc", cwd: Path = Path(".")) -> list[dict[str, Any]]:
-    """``dvc exp show --json`` of the repository at ``cwd``."""
+def exp_show(dvc: str = "dvc", cwd: Path = Path("."), timeout: float | None = None) -> list[dict[str, Any]]:
+    """``dvc exp show --json`` of the repository at ``cwd`` (a FerdError when it takes longer than ``timeout`` s)."""
     import json
     import subprocess
 
-    proc = subprocess.run([dvc, "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run([dvc, "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True, check=False,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FerdError(f"dvc exp show did not answer within {timeout:g} s") from None
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
         raise FerdError(f"dvc exp show failed: {tail}")
@@ -405,10 +410,13 @@ def _state(entries: list[QueueEntry]) -> str:
     return "failed"
 
 
-def _dvc(dvc: str, *args: str, cwd: Path, what: str) -> str:
+def _dvc(dvc: str, *args: str, cwd: Path, what: str, timeout: float | None = None) -> str:
     import subprocess
 
-    proc = subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FerdError(f"{what}: `{dvc} {' '.join(args)}` did not answer within {timeout:g} s") from None
     if proc.returncode != 0:
         lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
         raise FerdError(f"{what}: `{dvc} {' '.join(args)}` failed ({lines[-1].strip() if lines else f'exit {proc.returncode}'})")
@@ -431,11 +439,20 @@ def _start_workers(dvc: str, jobs: int, cwd: Path) -> None:
             raise FerdError(f"compare: `{dvc} queue start -j {jobs}` failed ({why})")
 
 
-def _workers(dvc: str, cwd: Path) -> tuple[int, int] | None:
-    """(active, idle) queue workers from ``dvc queue status``, or None when its output is not understood."""
-    out = _dvc(dvc, "queue", "status", cwd=cwd, what="compare")
-    m = re.search(r"Worker status:\s*(\d+)\s+active,\s*(\d+)\s+idle", out)
-    return (int(m[1]), int(m[2])) if m else None
+#: A poll that takes longer than this is abandoned and retried (DVC's commands can hang while a
+#: worker cleans up an experiment's temporary copy).
+_POLL_TIMEOUT = 120.0
+
+
+def queue_status(text: str) -> tuple[dict[str, str], tuple[int, int] | None]:
+    """``dvc queue status`` output: {task id (7 hex digits): status in lower case}, (active, idle) workers."""
+    tasks = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{7,40}", parts[0]):
+            tasks[parts[0][:7]] = parts[-1].lower()
+    m = re.search(r"Worker status:\s*(\d+)\s+active,\s*(\d+)\s+idle", text)
+    return tasks, ((int(m[1]), int(m[2])) if m else None)
 
 
 def _params_with(path: Path, overrides: dict[str, Any]) -> str:
@@ -482,9 +499,10 @@ def run_queued(experiments: list[Experiment], *, jobs: int, dvc: str = "dvc", cw
        dvc.lock and metrics/ as committed, then ``dvc queue start -j jobs`` starts the workers.
        Each experiment runs in a temporary copy of the repository holding the git- and DVC-tracked
        files; the dataset is there because it is a stage output (``fetch-data``).
-    4. ``dvc exp show`` is polled every ``poll_seconds`` until none is queued or running; every
-       change of state is echoed. Workers that vanished with experiments still queued (killed,
-       machine restarted) are started again.
+    4. ``dvc queue status`` is polled every ``poll_seconds`` until none is queued or running (not
+       ``dvc exp show``: it can hang while workers run); every change of state is echoed. Workers
+       that vanished with experiments still queued (killed, machine restarted) are started again.
+       The final states come from ``dvc exp show`` once the experiments are done.
 
     A failed experiment does not stop the others; at the end a :class:`FerdError` names each
     failed one and the command that shows its log (``dvc queue logs <task>``).
@@ -495,7 +513,7 @@ def run_queued(experiments: list[Experiment], *, jobs: int, dvc: str = "dvc", cw
         _git("rev-parse", "--verify", "HEAD", cwd=cwd)
     except FerdError:
         raise FerdError("compare: dvc exp needs a git repository with at least one commit; commit first") from None
-    shown = exp_show(dvc, cwd)
+    shown = exp_show(dvc, cwd, timeout=_POLL_TIMEOUT)
     entries = queue_entries(shown)
     done, _ = records_from_exp_show(shown)
     finished = {r.name for r in done}
@@ -523,43 +541,57 @@ def run_queued(experiments: list[Experiment], *, jobs: int, dvc: str = "dvc", cw
     waiting = [e.name for e in to_queue] + pending
     if not waiting:
         return []
+    # Task ids, read before any worker of ours starts: `dvc exp show` can hang while workers run
+    # (treeverse/dvc#8762), so the wait below polls `dvc queue status` alone.
+    entries = queue_entries(exp_show(dvc, cwd, timeout=_POLL_TIMEOUT))
+    tasks = {}
+    for name in waiting:
+        live = [e for e in entries.get(name, []) if e.state in _PENDING and e.rev]
+        if not live:
+            raise FerdError(f"compare: {name} was queued but `dvc exp show` does not list it; see `dvc queue status`")
+        tasks[name] = live[0].rev[:7]
     _start_workers(dvc, jobs, cwd)
     echo(f"running {len(waiting)} experiment(s), {jobs} at a time (`dvc queue status` shows them; "
          "`dvc queue kill NAME` stops one)")
     last: dict[str, str] = {}
-    idle_polls = 0
+    idle_polls = poll_failures = 0
     start = time.monotonic()
-    show_failures = 0
     while True:
         try:
-            entries = queue_entries(exp_show(dvc, cwd))
-            show_failures = 0
-        except FerdError:  # a worker may hold the repository for a moment while it saves its experiment
-            show_failures += 1
-            if show_failures >= 5:
+            status, workers = queue_status(_dvc(dvc, "queue", "status", cwd=cwd, what="compare", timeout=_POLL_TIMEOUT))
+            poll_failures = 0
+        except FerdError:
+            poll_failures += 1
+            if poll_failures >= 5:
                 raise
             sleep(poll_seconds)
             continue
-        states = {name: _state(entries.get(name, [])) if name in entries else "missing" for name in waiting}
+        states = {name: status.get(task, "missing") for name, task in tasks.items()}
         for name in waiting:
             if states[name] != last.get(name):
                 echo(f"{name}: {states[name]} [{time.monotonic() - start:.0f} s]")
         last = states
-        queued = [n for n, st in states.items() if st == "queued"]
-        if not any(st in _PENDING for st in states.values()):
+        queued = [n for n, st in states.items() if st in ("queued", "preparing")]
+        if not any(st in ("queued", "preparing", "running") for st in states.values()):
             break
-        idle_polls = idle_polls + 1 if queued and _workers(dvc, cwd) == (0, 0) else 0
+        idle_polls = idle_polls + 1 if queued and workers == (0, 0) else 0
         if idle_polls >= 2:  # experiments queued, no worker left to run them
             echo(f"no queue worker is running but {len(queued)} experiment(s) wait: starting {jobs} again")
             _start_workers(dvc, jobs, cwd)
             idle_polls = 0
         sleep(poll_seconds)
-    failed = [n for n in waiting if last[n] != "success"]
+    # a finished experiment has its own commit (no longer the task id): look it up by name
+    for attempt in range(3):  # the last worker may still be tidying up for a moment
+        try:
+            entries = queue_entries(exp_show(dvc, cwd, timeout=_POLL_TIMEOUT))
+            break
+        except FerdError:
+            if attempt == 2:
+                raise
+            sleep(poll_seconds)
+    failed = [n for n in waiting if last[n] != "success" or not any(e.state == "success" for e in entries.get(n, []))]
     if failed:
-        def where(name: str) -> str:
-            entry = next((e for e in entries.get(name, []) if e.state != "success"), None)
-            return f"{name} (`{dvc} queue logs {entry.rev[:7]}`)" if entry and entry.rev else f"{name} ({last[name]})"
-
-        raise FerdError(f"compare: {len(failed)} of {len(waiting)} experiments failed: {', '.join(map(where, failed))}; "
+        where = ", ".join(f"{n} (`{dvc} queue logs {tasks[n]}`)" for n in failed)
+        raise FerdError(f"compare: {len(failed)} of {len(waiting)} experiments failed: {where}; "
                         "fix the error its log shows and rerun: finished experiments are kept")
     return waiting

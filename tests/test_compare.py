@@ -15,6 +15,7 @@ from ferd.compare import (
     markdown_table,
     parse_experiment_name,
     plan,
+    queue_status,
     records_from_exp_show,
     summarise,
     worst_class_chart,
@@ -219,17 +220,18 @@ def test_shared_stages_are_untouched_by_variants_and_seeds():
 
 
 class FakeDvc:
-    """Stands in for the dvc calls of ferd.compare.run_queued: scripted `dvc exp show` answers, recorded commands."""
+    """Stands in for the dvc calls of ferd.compare.run_queued: scripted `dvc exp show` and `dvc queue status`
+    answers, every other command recorded."""
 
-    def __init__(self, shows: list[list[dict]]):
-        self.shows, self.calls = shows, []
+    def __init__(self, shows: list[list[dict]], statuses: list[str] | None = None):
+        self.shows, self.statuses, self.calls = shows, statuses or [], []
 
-    def exp_show(self, dvc="dvc", cwd=Path(".")):
+    def exp_show(self, dvc="dvc", cwd=Path("."), timeout=None):
         return self.shows.pop(0) if len(self.shows) > 1 else self.shows[0]
 
-    def dvc(self, dvc, *args, cwd, what):
+    def dvc(self, dvc, *args, cwd, what, timeout=None):
         self.calls.append(args)
-        return ""
+        return self.statuses.pop(0) if args == ("queue", "status") else ""
 
 
 def _queued(name: str, rev: str, state: str) -> dict:
@@ -240,21 +242,39 @@ def _queued(name: str, rev: str, state: str) -> dict:
     return exp
 
 
-def test_run_queued_skips_waits_requeues_and_names_the_failures(monkeypatch, tmp_path):
+def _status(rows: dict[str, str], workers: str) -> str:
+    lines = ["Task     Name        Created    Status"] + [f"{task}  {name}  02:06 AM   {state}"
+                                                         for task, (name, state) in rows.items()]
+    return "\n".join(lines) + f"\n\nWorker status: {workers}\n"
+
+
+def test_queue_status_parsing():
+    text = _status({"ddddddd": ("plain-s0", "Running"), "0a1b2c3": ("", "Success")}, "1 active, 1 idle")
+    text += "4e05eb4  e2      Aug 22, 2022   Failed\n"
+    assert queue_status(text) == ({"ddddddd": "running", "0a1b2c3": "success", "4e05eb4": "failed"}, (1, 1))
+    assert queue_status("nothing useful") == ({}, None)
+
+
+def test_run_queued_skips_waits_requeues_and_names_the_failures(monkeypatch):
     import ferd.compare as cmp
 
-    before = [{"rev": "head", "experiments": [
-        _queued("ferd-s0", "aaaaaaa1", "success"),       # finished: skipped
-        _queued("plain-s0", "bbbbbbb1", "failed"),       # failed before: removed, queued again
-        _queued("dfhl-s0", "ccccccc1", "running"),       # still running from an interrupted compare: waited for
-    ]}]
-    polls = [
-        [{"rev": "head", "experiments": [_queued("plain-s0", "ddddddd1", "queued"), _queued("dfhl-s0", "ccccccc1", "running")]}],
-        [{"rev": "head", "experiments": [_queued("plain-s0", "ddddddd1", "queued"), _queued("dfhl-s0", "ccccccc1", "success")]}],
-        [{"rev": "head", "experiments": [_queued("plain-s0", "ddddddd1", "queued"), _queued("dfhl-s0", "ccccccc1", "success")]}],
-        [{"rev": "head", "experiments": [_queued("plain-s0", "ddddddd1", "failed"), _queued("dfhl-s0", "ccccccc1", "success")]}],
+    def show(*exps):
+        return [{"rev": "head", "experiments": list(exps)}]
+
+    shows = [
+        show(_queued("ferd-s0", "aaaaaaa1", "success"),   # finished: skipped
+             _queued("plain-s0", "bbbbbbb1", "failed"),   # failed before: removed, queued again
+             _queued("dfhl-s0", "ccccccc1", "running")),  # still running from an interrupted compare: waited for
+        show(_queued("plain-s0", "ddddddd1", "queued"), _queued("dfhl-s0", "ccccccc1", "running")),  # task ids
+        show(_queued("plain-s0", "ddddddd1", "failed"), _queued("dfhl-s0", "ccccccc1", "success")),  # the end
     ]
-    fake = FakeDvc([before, *polls])
+    statuses = [
+        _status({"ddddddd": ("plain-s0", "Queued"), "ccccccc": ("dfhl-s0", "Running")}, "0 active, 0 idle"),
+        _status({"ddddddd": ("plain-s0", "Queued"), "ccccccc": ("dfhl-s0", "Success")}, "0 active, 0 idle"),
+        _status({"ddddddd": ("plain-s0", "Running"), "ccccccc": ("dfhl-s0", "Success")}, "1 active, 0 idle"),
+        _status({"ddddddd": ("plain-s0", "Failed"), "ccccccc": ("dfhl-s0", "Success")}, "0 active, 0 idle"),
+    ]
+    fake = FakeDvc(shows, statuses)
     started, shared, echoed = [], [], []
     monkeypatch.setattr(cmp, "exp_show", fake.exp_show)
     monkeypatch.setattr(cmp, "_dvc", fake.dvc)
@@ -262,7 +282,6 @@ def test_run_queued_skips_waits_requeues_and_names_the_failures(monkeypatch, tmp
     monkeypatch.setattr(cmp, "_restore_from_head", lambda cwd: None)
     monkeypatch.setattr(cmp, "_run_shared_stages", lambda first, dvc, cwd: shared.append(first.name))
     monkeypatch.setattr(cmp, "_start_workers", lambda dvc, jobs, cwd: started.append(jobs))
-    monkeypatch.setattr(cmp, "_workers", lambda dvc, cwd: (0, 0))  # the workers vanished: started again
     exps = plan(["ferd", "plain", "dfhl"], [0], {})
     with pytest.raises(FerdError) as err:
         cmp.run_queued(exps, jobs=2, echo=echoed.append, sleep=lambda s: None)
@@ -272,10 +291,13 @@ def test_run_queued_skips_waits_requeues_and_names_the_failures(monkeypatch, tmp
     assert fake.calls[0] == ("exp", "remove", "bbbbbbb1")
     queued = [c for c in fake.calls if c[:3] == ("exp", "run", "--queue")]
     assert [c[4] for c in queued] == ["plain-s0"] and "-S" in queued[0]
-    assert shared == ["plain-s0"] and started == [2, 2]
+    assert shared == ["plain-s0"]
+    assert started == [2, 2], "the workers vanished with plain-s0 still queued: started again"
+    assert statuses == [], "polled until nothing was queued or running"
     assert any("ferd-s0: finished already, skipped" in e for e in echoed)
     assert any("dfhl-s0: already in the queue" in e for e in echoed)
-    assert any(e.startswith("plain-s0: failed") for e in echoed)
+    assert [e.split(" [")[0] for e in echoed if e.startswith("plain-s0: ")][-3:] == [
+        "plain-s0: queued", "plain-s0: running", "plain-s0: failed"]
 
 
 def test_run_queued_with_everything_finished_queues_nothing(monkeypatch):
