@@ -16,6 +16,8 @@ $(VENV)/.ferd-installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# Debian's Fashion-MNIST, installed when missing; the fetch-data stage (first in dvc.yaml) copies it
+# into data/raw/fashion-mnist, a DVC output (other datasets: data.source or data.download, docs/scaling.md).
 data:
 	scripts/ensure-fashion-mnist.sh data/raw/fashion-mnist
 
@@ -28,8 +30,10 @@ report: setup
 	$(BIN)/ferd report
 
 # FERD vs its ablations and the baselines, 3 seeds each, as dvc experiments; table in reports/compare.md.
+# JOBS=N runs N experiments at a time in DVC's experiment queue (docs/scaling.md); 1 = in the workspace.
+JOBS ?= 1
 compare: setup data
-	$(BIN)/ferd compare --run
+	$(BIN)/ferd compare --run --jobs $(JOBS)
 
 # A paper setting from configs/ (make preset PRESET=cifar10-resnet18): writes params.yaml, runs the pipeline.
 preset: setup

@@ -6,6 +6,10 @@ variant shares) and ``seed``. The teacher has its own ``teacher.seed`` and the e
 ``evaluate.seed``, so DVC's run cache trains and evaluates the teacher once for the whole comparison,
 and variants whose synthesis params agree (same seed) share the synthesised pool.
 
+Two ways to run them (:func:`run_experiments`, ``--jobs 1``: one after the other in the workspace;
+:func:`run_queued`, ``--jobs N``: DVC's experiment queue, N at a time in temporary copies of the
+repository). Both skip finished experiments and read the results back the same way.
+
 The table: for every variant, mean ± sample standard deviation over its seeds of each run's
 clean / PGD-20 / AutoAttack average accuracy, worst-class accuracy and NSD, read from the student's
 ``metrics/student.json`` of every experiment in ``dvc exp show --json``.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,11 @@ __all__ = [
     "exp_show",
     "fmt",
     "run_experiments",
+    "run_queued",
+    "SHARED_STAGES",
+    "QueueEntry",
+    "queue_entries",
+    "queue_status",
     "COLUMNS",
     "Experiment",
     "Record",
@@ -83,8 +93,10 @@ def load_setting(path: Path | None) -> dict[str, Any]:
         return {}
     import yaml
 
+    from ferd.config import yaml_load
+
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"comparison setting {path} not found; pass --setting with an existing YAML file") from None
     except yaml.YAMLError as e:
@@ -274,12 +286,16 @@ def _git(*args: str, cwd: Path) -> str:
     return proc.stdout
 
 
-def exp_show(dvc: str = "dvc", cwd: Path = Path(".")) -> list[dict[str, Any]]:
-    """``dvc exp show --json`` of the repository at ``cwd``."""
+def exp_show(dvc: str = "dvc", cwd: Path = Path("."), timeout: float | None = None) -> list[dict[str, Any]]:
+    """``dvc exp show --json`` of the repository at ``cwd`` (a FerdError when it takes longer than ``timeout`` s)."""
     import json
     import subprocess
 
-    proc = subprocess.run([dvc, "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run([dvc, "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True, check=False,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FerdError(f"dvc exp show did not answer within {timeout:g} s") from None
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
         raise FerdError(f"dvc exp show failed: {tail}")
@@ -311,10 +327,10 @@ def run_experiments(experiments: list[Experiment], *, dvc: str = "dvc", cwd: Pat
     params.yaml, dvc.lock and metrics/ are restored from HEAD, so no experiment inherits another's
     params; at the end they are restored again, leaving the workspace as committed.
 
-    Why the workspace and not ``dvc exp run --queue``: queued experiments run in temporary copies
-    that hold only git- and DVC-tracked files, and DVC does not check out the data dependencies
-    there (treeverse/dvc#10056, #10744), so the dataset under ``data/raw`` would be missing.
-    Sequential workspace runs share DVC's run cache the same way.
+    This is ``ferd compare --jobs 1``. One at a time, :func:`run_queued` would add nothing but the
+    queue's overhead; here each experiment's stage output streams to the terminal as it runs, and
+    it works on commits older than the ``fetch-data`` stage (before it, the dataset was a
+    git-ignored folder that queued experiments could not see).
     """
     import subprocess
 
@@ -344,3 +360,238 @@ def run_experiments(experiments: list[Experiment], *, dvc: str = "dvc", cwd: Pat
     finally:
         _restore_from_head(cwd)
     return ran
+
+
+# --------------------------------------------------------------------------------------------
+# running in DVC's experiment queue
+
+#: The stages every experiment of a comparison shares: their params (data, teacher, evaluate) are
+#: touched by no variant switch and not by ``seed`` (a test checks this against dvc.yaml), and the
+#: setting and ``--set`` are the same for all experiments. :func:`run_queued` runs them once, in
+#: the workspace, before queueing, so that N queue workers do not each train the same teacher.
+#: ``evaluate@teacher`` pulls in ``fetch-data`` and ``fetch-teacher``.
+SHARED_STAGES = ("evaluate@teacher",)
+
+_PENDING = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One experiment in ``dvc exp show --json``: its name, commit (= queue task id), state, log file."""
+
+    name: str
+    rev: str
+    state: str  # queued | running | success | failed
+    log: str | None = None
+
+
+def queue_entries(data: list[dict[str, Any]]) -> dict[str, list[QueueEntry]]:
+    """Every named experiment of ``dvc exp show --json`` output, by name (a name can occur more than once)."""
+    out: dict[str, list[QueueEntry]] = {}
+    for baseline in data:
+        for exp in baseline.get("experiments") or []:
+            name = exp.get("name")
+            revs = exp.get("revs") or []
+            if not name or not revs:
+                continue
+            executor = exp.get("executor") or {}
+            state = executor.get("state") or ("failed" if revs[0].get("error") else "success")
+            log = (executor.get("local") or {}).get("log")
+            out.setdefault(name, []).append(QueueEntry(name, str(revs[0].get("rev") or ""), str(state), log))
+    return out
+
+
+def _state(entries: list[QueueEntry]) -> str:
+    """One state for a name: pending while any entry is, else success if any succeeded, else failed."""
+    states = {e.state for e in entries}
+    for state in (*_PENDING, "success"):
+        if state in states:
+            return state
+    return "failed"
+
+
+def _dvc(dvc: str, *args: str, cwd: Path, what: str, timeout: float | None = None) -> str:
+    import subprocess
+
+    try:
+        proc = subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FerdError(f"{what}: `{dvc} {' '.join(args)}` did not answer within {timeout:g} s") from None
+    if proc.returncode != 0:
+        lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+        raise FerdError(f"{what}: `{dvc} {' '.join(args)}` failed ({lines[-1].strip() if lines else f'exit {proc.returncode}'})")
+    return proc.stdout
+
+
+def _start_workers(dvc: str, jobs: int, cwd: Path) -> None:
+    """``dvc queue start -j jobs``. The workers it spawns inherit its stdout and stderr: pipes would
+    stay open until the last worker exits, so its output goes to a file (read on failure)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.run([dvc, "queue", "start", "-j", str(jobs)], cwd=cwd, stdin=subprocess.DEVNULL,
+                              stdout=log, stderr=subprocess.STDOUT, check=False)
+        if proc.returncode != 0:
+            log.seek(0)
+            lines = [line for line in log.read().splitlines() if line.strip()]
+            why = lines[-1] if lines else f"exit {proc.returncode}"
+            raise FerdError(f"compare: `{dvc} queue start -j {jobs}` failed ({why})")
+
+
+#: A poll that takes longer than this is abandoned and retried (DVC's commands can hang while a
+#: worker cleans up an experiment's temporary copy).
+_POLL_TIMEOUT = 120.0
+
+
+def queue_status(text: str) -> tuple[dict[str, str], tuple[int, int] | None]:
+    """``dvc queue status`` output: {task id (7 hex digits): status in lower case}, (active, idle) workers."""
+    tasks = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{7,40}", parts[0]):
+            tasks[parts[0][:7]] = parts[-1].lower()
+    m = re.search(r"Worker status:\s*(\d+)\s+active,\s*(\d+)\s+idle", text)
+    return tasks, ((int(m[1]), int(m[2])) if m else None)
+
+
+def _params_with(path: Path, overrides: dict[str, Any]) -> str:
+    """params.yaml's text with dotted ``overrides`` applied (comments are lost: the file is restored afterwards)."""
+    import yaml
+
+    from ferd.config import yaml_load
+
+    data = yaml_load(path.read_text()) or {}
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _run_shared_stages(first: Experiment, dvc: str, cwd: Path) -> None:
+    """``dvc repro`` of :data:`SHARED_STAGES` in the workspace with ``first``'s params (restored from HEAD after)."""
+    import subprocess
+
+    params = cwd / "params.yaml"
+    params.write_text(_params_with(params, first.overrides))
+    try:
+        proc = subprocess.run([dvc, "repro", *SHARED_STAGES], cwd=cwd, check=False)
+    finally:
+        _restore_from_head(cwd)
+    if proc.returncode != 0:
+        raise FerdError(f"compare: the stages every experiment shares ({', '.join(SHARED_STAGES)} and what it needs) "
+                        f"failed (exit {proc.returncode}); fix the error above, nothing was queued")
+
+
+def run_queued(experiments: list[Experiment], *, jobs: int, dvc: str = "dvc", cwd: Path = Path("."),
+               echo: Any = print, poll_seconds: float = 15.0, sleep: Any = time.sleep) -> list[str]:
+    """Run the planned experiments in DVC's queue, ``jobs`` at a time; returns the names that finished now.
+
+    1. Experiments already finished on this commit are skipped; those still queued or running (an
+       earlier ``ferd compare`` that was interrupted: the queue's workers go on without it) are
+       waited for, not queued again; every other entry of the same name (a failed run) is removed.
+    2. :data:`SHARED_STAGES` run once in the workspace, so the experiments find the teacher in DVC's
+       run cache instead of each training it.
+    3. Each experiment is queued (``dvc exp run --queue -n NAME -S ...``) from params.yaml,
+       dvc.lock and metrics/ as committed, then ``dvc queue start -j jobs`` starts the workers.
+       Each experiment runs in a temporary copy of the repository holding the git- and DVC-tracked
+       files; the dataset is there because it is a stage output (``fetch-data``).
+    4. ``dvc queue status`` is polled every ``poll_seconds`` until none is queued or running (not
+       ``dvc exp show``: it can hang while workers run); every change of state is echoed. Workers
+       that vanished with experiments still queued (killed, machine restarted) are started again.
+       The final states come from ``dvc exp show`` once the experiments are done.
+
+    A failed experiment does not stop the others; at the end a :class:`FerdError` names each
+    failed one and the command that shows its log (``dvc queue logs <task>``).
+    """
+    if jobs < 1:
+        raise ConfigError(f"compare: --jobs must be >= 1, got {jobs}")
+    try:
+        _git("rev-parse", "--verify", "HEAD", cwd=cwd)
+    except FerdError:
+        raise FerdError("compare: dvc exp needs a git repository with at least one commit; commit first") from None
+    shown = exp_show(dvc, cwd, timeout=_POLL_TIMEOUT)
+    entries = queue_entries(shown)
+    done, _ = records_from_exp_show(shown)
+    finished = {r.name for r in done}
+    pending = [e.name for e in experiments if e.name not in finished and _state(entries.get(e.name, [])) in _PENDING]
+    to_queue = [e for e in experiments if e.name not in finished and e.name not in pending]
+    for i, exp in enumerate(experiments, 1):
+        if exp.name in finished:
+            echo(f"[{i}/{len(experiments)}] {exp.name}: finished already, skipped")
+        elif exp.name in pending:
+            echo(f"[{i}/{len(experiments)}] {exp.name}: already in the queue, waiting for it")
+    if to_queue:
+        for exp in to_queue:
+            for entry in entries.get(exp.name, []):
+                _dvc(dvc, "exp", "remove", entry.rev, cwd=cwd, what=f"compare: removing the earlier {exp.name}")
+        _restore_from_head(cwd)
+        echo(f"stages every experiment shares, once, in the workspace: dvc repro {' '.join(SHARED_STAGES)}")
+        _run_shared_stages(to_queue[0], dvc, cwd)
+        try:
+            for exp in to_queue:
+                _dvc(dvc, "exp", "run", "--queue", "-n", exp.name, *set_flags(exp.overrides), cwd=cwd,
+                     what=f"compare: queueing {exp.name}")
+                echo(f"{exp.name}: queued ({' '.join(exp.command(dvc)[1:])} --queue)")
+        finally:
+            _restore_from_head(cwd)
+    waiting = [e.name for e in to_queue] + pending
+    if not waiting:
+        return []
+    # Task ids, read before any worker of ours starts: `dvc exp show` can hang while workers run
+    # (treeverse/dvc#8762), so the wait below polls `dvc queue status` alone.
+    entries = queue_entries(exp_show(dvc, cwd, timeout=_POLL_TIMEOUT))
+    tasks = {}
+    for name in waiting:
+        live = [e for e in entries.get(name, []) if e.state in _PENDING and e.rev]
+        if not live:
+            raise FerdError(f"compare: {name} was queued but `dvc exp show` does not list it; see `dvc queue status`")
+        tasks[name] = live[0].rev[:7]
+    _start_workers(dvc, jobs, cwd)
+    echo(f"running {len(waiting)} experiment(s), {jobs} at a time (`dvc queue status` shows them; "
+         "`dvc queue kill NAME` stops one)")
+    last: dict[str, str] = {}
+    idle_polls = poll_failures = 0
+    start = time.monotonic()
+    while True:
+        try:
+            status, workers = queue_status(_dvc(dvc, "queue", "status", cwd=cwd, what="compare", timeout=_POLL_TIMEOUT))
+            poll_failures = 0
+        except FerdError:
+            poll_failures += 1
+            if poll_failures >= 5:
+                raise
+            sleep(poll_seconds)
+            continue
+        states = {name: status.get(task, "missing") for name, task in tasks.items()}
+        for name in waiting:
+            if states[name] != last.get(name):
+                echo(f"{name}: {states[name]} [{time.monotonic() - start:.0f} s]")
+        last = states
+        queued = [n for n, st in states.items() if st in ("queued", "preparing")]
+        if not any(st in ("queued", "preparing", "running") for st in states.values()):
+            break
+        idle_polls = idle_polls + 1 if queued and workers == (0, 0) else 0
+        if idle_polls >= 2:  # experiments queued, no worker left to run them
+            echo(f"no queue worker is running but {len(queued)} experiment(s) wait: starting {jobs} again")
+            _start_workers(dvc, jobs, cwd)
+            idle_polls = 0
+        sleep(poll_seconds)
+    # a finished experiment has its own commit (no longer the task id): look it up by name
+    for attempt in range(3):  # the last worker may still be tidying up for a moment
+        try:
+            entries = queue_entries(exp_show(dvc, cwd, timeout=_POLL_TIMEOUT))
+            break
+        except FerdError:
+            if attempt == 2:
+                raise
+            sleep(poll_seconds)
+    failed = [n for n in waiting if last[n] != "success" or not any(e.state == "success" for e in entries.get(n, []))]
+    if failed:
+        where = ", ".join(f"{n} (`{dvc} queue logs {tasks[n]}`)" for n in failed)
+        raise FerdError(f"compare: {len(failed)} of {len(waiting)} experiments failed: {where}; "
+                        "fix the error its log shows and rerun: finished experiments are kept")
+    return waiting

@@ -92,9 +92,10 @@ class DataConfig:
     """Which dataset, where it lives, and the L-inf threat model's epsilon for it."""
 
     name: DatasetName = "fashion-mnist"
-    root: str = "data/raw"
-    download: bool = False  # allow torchvision to download when the files are not found
-    verify_checksums: bool = True  # CIFAR md5 checks (test fixtures switch them off)
+    root: str = "data/raw"  # inside the repo: `ferd fetch-data` writes the dataset to <root>/<name> (a DVC output)
+    source: str = ""  # a folder (or archive) holding the dataset for fetch-data to copy; "" = the usual places
+    download: bool = False  # let fetch-data download when no copy is found
+    verify_checksums: bool = True  # md5 checks of fetch-data and of CIFAR loading (test fixtures switch them off)
     eps: float = rng(0.1, gt=0.0, le=1.0)  # 0.1 Fashion-MNIST, 8/255 CIFAR/Tiny-ImageNet
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
@@ -408,6 +409,31 @@ def params_from_mapping(raw: Any) -> Params:
     return build_section(Params, raw, "")
 
 
+def yaml_load(text: str) -> Any:
+    """YAML as DVC reads it: PyYAML's safe loader with YAML 1.2 booleans (only true / false).
+
+    DVC reads params.yaml as YAML 1.2 and ``dvc exp run -S`` rewrites it without the quotes YAML
+    1.1 needs: ``autoattack: 'off'`` comes back as ``autoattack: off``, which PyYAML's default
+    (YAML 1.1) would read as false.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # safe: only the boolean resolver differs
+        pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
     """Read and validate ``path``; ``overrides`` maps dotted keys to values (``teacher.width: 8``)."""
     import yaml
@@ -416,7 +442,7 @@ def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
     if not p.is_file():
         raise ConfigError(f"{p}: params file not found; run from the repository root or pass --params PATH")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

@@ -1,4 +1,12 @@
-"""Datasets as in-memory uint8 tensors: what each one is and where it is looked for.
+"""Datasets: fetched into the pipeline as a DVC output, then read as in-memory uint8 tensors.
+
+``ferd fetch-data`` (:func:`fetch_dataset`, the pipeline's first stage) copies, verifies or
+downloads the dataset named by ``data.name`` into ``<data.root>/<data.name>`` (``data/raw/<name>``),
+one DVC output that every stage reading the dataset depends on. Being a stage output, DVC caches
+it, restores it into the temporary copies of queued experiments (``dvc exp run --queue``) and
+pushes it to a remote (DESIGN.md "Scaling out"). The loaders below read that folder first; the
+other places they know (older layouts directly under ``<root>``, Debian's Fashion-MNIST) serve a
+stage run by hand before ``fetch-data``.
 
 Every split is returned as an :class:`ImageSet` (``x`` uint8 ``[N, C, H, W]``, ``y`` int64 ``[N]``);
 models see float32 images in ``[0, 1]`` (:meth:`ImageSet.images`, :meth:`ImageSet.batches`), any
@@ -8,23 +16,31 @@ normalisation lives inside the model. ``cfg`` below is a :class:`ferd.config.Dat
     Zalando's Fashion-MNIST: 60000 train / 10000 test grey 28x28 images, 10 classes. The IDX files
     (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
     ``t10k-labels-idx1-ubyte``, gzipped or not) are parsed here with numpy. Looked for, in order,
-    in ``<root>/fashion-mnist/``, ``<root>/FashionMNIST/raw/`` (torchvision's layout) and Debian's
-    ``/usr/share/datasets/fashion-mnist/`` (package ``dataset-fashion-mnist``). With
-    ``data.download: true`` a missing copy is fetched by torchvision into ``<root>/FashionMNIST/raw``.
+    in ``<root>/fashion-mnist/`` (fetch-data's output), ``<root>/FashionMNIST/raw/`` (torchvision's
+    layout) and Debian's ``/usr/share/datasets/fashion-mnist/`` (package ``dataset-fashion-mnist``).
+    fetch-data writes the four files decompressed and checks their content md5s
+    (:data:`FASHION_MNIST_IDX_MD5`), so Zalando's .gz files, Debian's recompressed ones and a
+    torchvision download all give the same output bytes.
 ``cifar10`` / ``cifar100``
     CIFAR-10 / CIFAR-100 (fine labels): 50000 train / 10000 test RGB 32x32 images, read by
-    torchvision from ``<root>/cifar-10-batches-py/`` / ``<root>/cifar-100-python/`` (the official
-    python pickles; torchvision's unpickling is the one place the project reads pickles). The md5
-    checks can be switched off (``data.verify_checksums: false``) so tiny test fixtures load.
+    torchvision from ``cifar-10-batches-py/`` / ``cifar-100-python/`` in ``<root>/<name>/``
+    (fetch-data's output) or directly in ``<root>/`` (the official python pickles; torchvision's
+    unpickling is the one place the project reads pickles). fetch-data checks every file against
+    torchvision's published md5s; both md5 checks can be switched off
+    (``data.verify_checksums: false``) so tiny test fixtures load.
 ``tiny-imagenet``
     Tiny-ImageNet-200: 100000 train / 10000 val RGB 64x64 JPEGs, 200 classes, in the standard
-    ``<root>/tiny-imagenet-200/`` layout (``wnids.txt``, ``words.txt``, ``train/<wnid>/images/``,
-    ``val/images/`` + ``val/val_annotations.txt``). The ``test`` split is the labelled val folder.
-    Classes are ordered by sorted wnid.
+    ``tiny-imagenet-200/`` layout (``wnids.txt``, ``words.txt``, ``train/<wnid>/images/``,
+    ``val/images/`` + ``val/val_annotations.txt``) in ``<root>/<name>/`` or ``<root>/``. The
+    ``test`` split is the labelled val folder. Classes are ordered by sorted wnid. fetch-data checks
+    the zip's md5 (:data:`TINY_IMAGENET_ZIP_MD5`) when it has the zip, the file counts otherwise,
+    and leaves out the unlabelled ``test/`` folder.
 ``synthetic``
     A generated, deterministic dataset for tests and quick checks (``data.synthetic``): each class
     is a fixed random block pattern, every image adds Gaussian noise, a brightness jitter and a shift
-    of at most one pixel. Train and test use different noise seeds. Nothing is read from disk.
+    of at most one pixel. Train and test use different noise seeds. Nothing is read from disk;
+    fetch-data writes only its manifest (holding ``data.synthetic``), so the pipeline's graph is the
+    same for every dataset.
 
 Failures a user can fix (missing, truncated or corrupt files) raise :class:`ferd.errors.DataError`
 with a message saying where we looked and what to do.
@@ -32,11 +48,16 @@ with a message saying where we looked and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import math
+import os
+import shutil
+import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +66,7 @@ import torch
 
 from ferd.config import DataConfig, SyntheticDataConfig
 from ferd.errors import DataError
+from ferd.runtime import Progress, no_progress
 
 Split = Literal["train", "test"]
 
@@ -98,6 +120,24 @@ _IDX_LABELS_MAGIC = 2049
 
 TINY_IMAGENET_DIR = "tiny-imagenet-200"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+#: md5 of tiny-imagenet-200.zip as cs231n.stanford.edu serves it (the value every loader checks).
+TINY_IMAGENET_ZIP_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+#: Tiny-ImageNet-200's size, checked when fetch-data copies an extracted folder (no per-file md5s exist).
+TINY_IMAGENET_COUNTS = {"classes": 200, "train_per_class": 500, "val": 10000}
+
+#: md5 of the four Fashion-MNIST IDX files *after decompression*. Zalando's published .gz files
+#: (torchvision's ``FashionMNIST.resources`` md5s, checked by torchvision when it downloads) and
+#: Debian's recompressed copies (other .gz bytes) decompress to these, so fetch-data checks the
+#: content whatever the gzip wrapping.
+FASHION_MNIST_IDX_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+
+#: The file fetch-data writes into the dataset folder next to the data: what the folder holds.
+FETCH_MANIFEST = "fetched.json"
 
 _EPS_SMALL = 0.1
 _EPS_RGB = 8 / 255
@@ -226,7 +266,8 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
             name, 100, (3, 32, 32), CIFAR100_CLASSES, _EPS_RGB, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
         )
     if name == "tiny-imagenet":
-        names = _tiny_imagenet_names_if_present(Path(cfg.root) / TINY_IMAGENET_DIR)
+        base = _tiny_imagenet_base(cfg)
+        names = None if base is None else _tiny_imagenet_names_if_present(base)
         if names is None:
             names = tuple(f"class{i}" for i in range(200))
         return DatasetInfo(
@@ -244,6 +285,11 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
             (0.32,) * s.channels,
         )
     raise ValueError(f"unknown dataset {name!r}")  # DataConfig validation rules this out
+
+
+def dataset_dir(cfg: DataConfig) -> Path:
+    """``<data.root>/<data.name>``: the folder ``ferd fetch-data`` writes (a DVC output) and loading reads first."""
+    return Path(cfg.root) / cfg.name
 
 
 def load_split(cfg: DataConfig, split: Split) -> ImageSet:
@@ -307,7 +353,7 @@ def find_fashion_mnist(root: str | Path) -> Path | None:
 
 
 def _read_bytes(path: Path) -> bytes:
-    refetch = f"{path}: truncated or corrupt; re-fetch it (delete it and run make data, or set data.download: true)"
+    refetch = f"{path}: truncated or corrupt; re-fetch it (run `ferd fetch-data`, with data.download: true if needed)"
     try:
         with open(path, "rb") as f:
             head = f.read(2)
@@ -321,10 +367,13 @@ def _read_bytes(path: Path) -> bytes:
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
     """An IDX file (gzipped or not) as a uint8 array: ``[N, rows, cols]`` (magic 2051) or ``[N]`` (2049)."""
-    raw = _read_bytes(path)
+    return _parse_idx(_read_bytes(path), magic, path)
+
+
+def _parse_idx(raw: bytes, magic: int, path: Path) -> np.ndarray:
     ndim = 3 if magic == _IDX_IMAGES_MAGIC else 1
     header = 4 * (1 + ndim)
-    refetch = "re-fetch it (delete it and run make data, or set data.download: true)"
+    refetch = "re-fetch it (run `ferd fetch-data`, with data.download: true if needed)"
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes, no complete header); {refetch}")
     fields = np.frombuffer(raw, dtype=">u4", count=1 + ndim)
@@ -340,28 +389,25 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
+def _or_list(places: Sequence[object]) -> str:
+    names = [str(p) for p in places]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+#: What to do when a dataset is missing: the one command that puts it in place.
+_RUN_FETCH = ("run `ferd fetch-data` (or `dvc repro fetch-data`): it copies the folder named by data.source, "
+              "or downloads with data.download: true")
+
+
 def _fashion_not_found(root: str | Path) -> DataError:
-    places = [str(p) for p in _fashion_candidates(root)]
-    where = ", ".join(places[:-1]) + " or " + places[-1] if len(places) > 1 else places[0]
     return DataError(
-        f"Fashion-MNIST not found in {where}; install Debian's dataset-fashion-mnist (make data) "
-        "or set data.download: true"
+        f"Fashion-MNIST not found in {_or_list(_fashion_candidates(root))}; {_RUN_FETCH} "
+        "(without either it copies Debian's dataset-fashion-mnist: make data installs it)"
     )
 
 
 def _load_fashion_mnist(cfg: DataConfig, split: Split) -> ImageSet:
     directory = find_fashion_mnist(cfg.root)
-    if directory is None and cfg.download:
-        from torchvision.datasets import FashionMNIST
-
-        try:
-            FashionMNIST(cfg.root, train=True, download=True)
-        except (OSError, RuntimeError, ValueError) as exc:  # network / archive failures (URLError is an OSError)
-            raise DataError(
-                f"Fashion-MNIST download into {Path(cfg.root) / 'FashionMNIST/raw'} failed "
-                f"({type(exc).__name__}: {exc}); check the network or install dataset-fashion-mnist"
-            ) from None
-        directory = find_fashion_mnist(cfg.root)
     if directory is None:
         raise _fashion_not_found(cfg.root)
     img_base, lab_base = _FASHION_FILES[split]
@@ -409,32 +455,38 @@ def _unreadable_batch(exc: BaseException) -> bool:
     return isinstance(exc, EOFError | ValueError | KeyError | TypeError | OSError) or is_unpickling_error(exc)
 
 
+def _cifar_files(cls: type) -> list[str]:
+    return [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+
+def _cifar_roots(cfg: DataConfig) -> list[Path]:
+    """torchvision roots to look in: fetch-data's output ``<root>/<name>``, then ``<root>`` itself."""
+    return [dataset_dir(cfg), Path(cfg.root)]
+
+
 def _load_cifar(cfg: DataConfig, split: Split) -> ImageSet:
     cls = _cifar_class(cfg.name, cfg.verify_checksums)
     pretty = "CIFAR-10" if cfg.name == "cifar10" else "CIFAR-100"
-    folder = Path(cfg.root) / cls.base_folder
-    files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    missing = [f for f in files if not (folder / f).is_file()]
-    if missing and not cfg.download:
-        raise DataError(
-            f"{pretty} not found in {folder} (missing {', '.join(missing)}); set data.download: true "
-            f"to fetch it (or use data.verify_checksums: false for test fixtures)"
-        )
+    folders = [r / cls.base_folder for r in _cifar_roots(cfg)]
+    folder = next((f for f in folders if f.is_dir()), None)
+    if folder is None:
+        raise DataError(f"{pretty} not found in {_or_list(folders)}; {_RUN_FETCH}")
+    missing = [f for f in _cifar_files(cls) if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"{pretty} in {folder} is incomplete (missing {', '.join(missing)}); {_RUN_FETCH}")
     try:
-        ds = cls(root=cfg.root, train=split == "train", download=cfg.download)
-    except RuntimeError as exc:
-        if missing:
-            raise DataError(f"{pretty} download into {folder} failed ({exc}); check the network") from None
+        ds = cls(root=str(folder.parent), train=split == "train", download=False)
+    except RuntimeError:
         raise DataError(
-            f"{pretty} in {folder} failed its md5 check or is corrupt; delete it and set data.download: true "
-            "to re-fetch it (or data.verify_checksums: false for test fixtures)"
+            f"{pretty} in {folder} failed its md5 check or is corrupt; re-fetch it (`ferd fetch-data`, "
+            "with data.download: true if needed; data.verify_checksums: false for test fixtures)"
         ) from None
     except Exception as exc:  # unreadable files; anything else is a bug and propagates
         if not _unreadable_batch(exc):
             raise
         raise DataError(
-            f"{pretty} in {folder} could not be read ({type(exc).__name__}: {exc}); delete it and set "
-            "data.download: true to re-fetch it"
+            f"{pretty} in {folder} could not be read ({type(exc).__name__}: {exc}); re-fetch it "
+            "(`ferd fetch-data`, with data.download: true if needed)"
         ) from None
     data = np.asarray(ds.data, dtype=np.uint8)
     x = torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2)))
@@ -461,19 +513,21 @@ def _tiny_imagenet_names_if_present(base: Path) -> tuple[str, ...] | None:
     return tuple(words.get(w, w) for w in wnids)
 
 
-def _load_tiny_imagenet(cfg: DataConfig, split: Split) -> ImageSet:
-    base = Path(cfg.root) / TINY_IMAGENET_DIR
-    if not (base / "wnids.txt").is_file() and cfg.download:
-        from torchvision.datasets.utils import download_and_extract_archive
+def _tiny_imagenet_bases(cfg: DataConfig) -> list[Path]:
+    return [dataset_dir(cfg) / TINY_IMAGENET_DIR, Path(cfg.root) / TINY_IMAGENET_DIR]
 
-        try:
-            download_and_extract_archive(TINY_IMAGENET_URL, str(cfg.root))
-        except (OSError, RuntimeError, ValueError) as exc:  # network / archive failures
-            raise DataError(f"Tiny-ImageNet download into {cfg.root} failed ({type(exc).__name__}: {exc})") from None
-    if not (base / "wnids.txt").is_file():
+
+def _tiny_imagenet_base(cfg: DataConfig) -> Path | None:
+    """The first ``tiny-imagenet-200`` folder with a wnids.txt: fetch-data's output, then ``<root>``."""
+    return next((b for b in _tiny_imagenet_bases(cfg) if (b / "wnids.txt").is_file()), None)
+
+
+def _load_tiny_imagenet(cfg: DataConfig, split: Split) -> ImageSet:
+    base = _tiny_imagenet_base(cfg)
+    if base is None:
         raise DataError(
-            f"Tiny-ImageNet not found in {base} (no wnids.txt); unzip {TINY_IMAGENET_URL} into {cfg.root} "
-            "or set data.download: true"
+            f"Tiny-ImageNet not found in {_or_list(_tiny_imagenet_bases(cfg))} (no wnids.txt); {_RUN_FETCH} "
+            f"({TINY_IMAGENET_URL})"
         )
     wnids = sorted({w.strip() for w in (base / "wnids.txt").read_text().split() if w.strip()})
     names = _tiny_imagenet_names_if_present(base)
@@ -587,3 +641,320 @@ def make_synthetic(cfg: SyntheticDataConfig, split: Split) -> ImageSet:
     imgs += rng.normal(0.0, _SYNTH_NOISE, size=imgs.shape).astype(np.float32)
     x = np.clip(np.rint(imgs * 255.0), 0, 255).astype(np.uint8)
     return ImageSet(torch.from_numpy(x), torch.from_numpy(labels), _synthetic_class_names(k))
+
+
+# --------------------------------------------------------------------------------------------
+# fetch-data: the dataset as a DVC stage output
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What :func:`fetch_dataset` put where, from where, and how it was checked."""
+
+    dataset: str
+    path: Path  # the dataset folder, <data.root>/<data.name>
+    source: str  # where the files came from (for the summary; not written into the output)
+    files: int  # data files written (the manifest not counted)
+    bytes: int
+    checked: str  # what was verified
+
+
+def fetch_dataset(cfg: DataConfig, *, progress: Progress = no_progress) -> FetchResult:
+    """Put ``cfg.name`` into :func:`dataset_dir` (``<data.root>/<data.name>``), checked, replacing what was there.
+
+    Where the files come from, first match wins: the folder or archive ``data.source`` names; the
+    usual places (Debian's ``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST, and the older
+    layouts directly under ``<root>``: ``FashionMNIST/raw``, ``cifar-10-batches-py``,
+    ``cifar-100-python``, ``tiny-imagenet-200``); a download (torchvision's URLs) when
+    ``data.download`` is true. Nothing found is a :class:`DataError` saying what to set.
+
+    The output holds only the dataset's own files (Fashion-MNIST decompressed) plus a manifest
+    (:data:`FETCH_MANIFEST`: the dataset, file count and size; for ``synthetic`` its params), all
+    determined by the data alone, so every way of fetching the same dataset gives the same bytes
+    and the same DVC hash. The folder is built next to its destination and renamed into place:
+    a failure leaves no half-written dataset.
+    """
+    dest = dataset_dir(cfg)
+    fetchers = {"fashion-mnist": _fetch_fashion_mnist, "cifar10": _fetch_cifar, "cifar100": _fetch_cifar,
+                "tiny-imagenet": _fetch_tiny_imagenet, "synthetic": _fetch_synthetic}
+    if cfg.name not in fetchers:
+        raise ValueError(f"unknown dataset {cfg.name!r}")  # DataConfig validation rules this out
+    if cfg.source and not Path(cfg.source).expanduser().is_absolute():
+        raise DataError(f"data.source: {cfg.source!r} is a relative path; give an absolute one (queued experiments "
+                        "run fetch-data in another folder)")
+    if cfg.source and not Path(cfg.source).expanduser().exists():
+        raise DataError(f"data.source: {cfg.source} does not exist; name the folder (or archive) holding {cfg.name}, "
+                        "as an absolute path, or set data.source: \"\"")
+    with _staged_dir(dest) as stage:
+        source, checked, extra = fetchers[cfg.name](cfg, stage, progress)
+        files = sorted(p for p in stage.rglob("*") if p.is_file())
+        total = sum(p.stat().st_size for p in files)
+        manifest = {"dataset": cfg.name, "files": len(files), "bytes": total, "format_version": 1, **extra}
+        from ferd.artifacts import save_json
+
+        save_json(stage / FETCH_MANIFEST, manifest)
+    return FetchResult(cfg.name, dest, source, len(files), total, checked)
+
+
+@contextlib.contextmanager
+def _staged_dir(dest: Path) -> Iterator[Path]:
+    """A fresh folder next to ``dest``; on success it replaces ``dest``, on failure it is deleted.
+
+    Named ``.<dest.name>.<pid>.<random>.tmp``; folders of writers that no longer run are removed
+    first (a SIGKILLed fetch cannot clean up after itself).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{dest.name}."
+    for old in dest.parent.glob(f"{prefix}*.tmp"):
+        pid = old.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield stage
+        os.chmod(stage, 0o755)
+        if dest.is_symlink() or dest.is_file():
+            dest.unlink()
+        elif dest.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=dest.parent))
+            os.replace(dest, trash / "old")
+            os.replace(stage, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+            return
+        os.replace(stage, dest)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _md5_file(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _user_source(cfg: DataConfig) -> Path | None:
+    return Path(cfg.source).expanduser() if cfg.source else None
+
+
+def _download_failed(what: str, exc: BaseException) -> DataError:
+    return DataError(f"{what} download failed ({type(exc).__name__}: {exc}); check the network, or name a copy with "
+                     "data.source")
+
+
+def _not_found(pretty: str, looked: Sequence[Path], *, debian: bool = False) -> DataError:
+    extra = "install Debian's dataset-fashion-mnist (make data), " if debian else ""
+    return DataError(f"{pretty} not found in {_or_list(looked)}; {extra}name a copy with data.source: /absolute/folder "
+                     "or set data.download: true")
+
+
+_UNCHECKED = "not checked (data.verify_checksums: false)"
+
+
+# Fashion-MNIST -------------------------------------------------------------------------------
+
+
+def _fetch_fashion_mnist(cfg: DataConfig, stage: Path, progress: Progress) -> tuple[str, str, dict]:
+    user = _user_source(cfg)
+    if user is not None:
+        looked = [user, user / "fashion-mnist", user / "FashionMNIST" / "raw"]
+    else:
+        looked = [*SYSTEM_FASHION_MNIST_DIRS, Path(cfg.root) / "FashionMNIST" / "raw"]
+    bases = [b for pair in _FASHION_FILES.values() for b in pair]
+    folder = next((d for d in looked if all(_idx_file(d, b) is not None for b in bases)), None)
+    source = f"data.source {user}" if user is not None else str(folder)
+    if folder is None:
+        if user is not None:
+            raise DataError(f"data.source: no Fashion-MNIST IDX files ({', '.join(bases)}, gzipped or not) in "
+                            f"{_or_list(looked)}")
+        if not cfg.download:
+            raise _not_found("Fashion-MNIST", looked, debian=True)
+        from torchvision.datasets import FashionMNIST
+
+        try:  # torchvision checks the md5s of the .gz files it downloads (FashionMNIST.resources)
+            FashionMNIST(str(stage / ".download"), train=True, download=True)
+        except (OSError, RuntimeError, ValueError) as exc:  # network / archive failures (URLError is an OSError)
+            raise _download_failed("Fashion-MNIST", exc) from None
+        folder = stage / ".download" / "FashionMNIST" / "raw"
+        source = f"a download from {FashionMNIST.mirrors[0]}"
+    for i, base in enumerate(bases):
+        path = _idx_file(folder, base)
+        assert path is not None
+        raw = _read_bytes(path)
+        if cfg.verify_checksums and _md5_bytes(raw) != FASHION_MNIST_IDX_MD5[base]:
+            raise DataError(f"{path}: its content's md5 is {_md5_bytes(raw)}, not the published Fashion-MNIST's "
+                            f"{FASHION_MNIST_IDX_MD5[base]}; replace the file (data.verify_checksums: false skips the check)")
+        _parse_idx(raw, _IDX_LABELS_MAGIC if "labels" in base else _IDX_IMAGES_MAGIC, path)
+        (stage / base).write_bytes(raw)
+        progress("fetch-data", i + 1, len(bases), {})
+    shutil.rmtree(stage / ".download", ignore_errors=True)
+    return source, "content md5s verified" if cfg.verify_checksums else _UNCHECKED, {}
+
+
+# CIFAR-10 / CIFAR-100 --------------------------------------------------------------------------
+
+
+def _fetch_cifar(cfg: DataConfig, stage: Path, progress: Progress) -> tuple[str, str, dict]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
+    pretty = "CIFAR-10" if cfg.name == "cifar10" else "CIFAR-100"
+    md5s = {f: m for f, m in cls.train_list + cls.test_list} | {cls.meta["filename"]: cls.meta["md5"]}
+    checked = "md5s verified (torchvision's published values)" if cfg.verify_checksums else _UNCHECKED
+
+    def complete(d: Path) -> bool:
+        return all((d / f).is_file() for f in md5s)
+
+    user = _user_source(cfg)
+    folder: Path | None
+    if user is not None and user.is_file():
+        folder = _extract(user, stage / ".download", cls.tgz_md5 if cfg.verify_checksums else None, pretty) / cls.base_folder
+        source = f"data.source {user}"
+        if not complete(folder):
+            raise DataError(f"data.source: {user} is not the {pretty} archive ({cls.filename}): no {cls.base_folder}/ "
+                            "with the batch files inside")
+    else:
+        looked = [user / cls.base_folder, user] if user is not None else [Path(cfg.root) / cls.base_folder]
+        folder = next((d for d in looked if complete(d)), None)
+        source = f"data.source {user}" if user is not None else str(folder)
+        if folder is None and user is not None:
+            raise DataError(f"data.source: no {pretty} batch files ({', '.join(md5s)}) in {_or_list(looked)}; name the "
+                            f"folder holding {cls.base_folder}/ or the {cls.filename} archive")
+        if folder is None:
+            if not cfg.download:
+                raise _not_found(pretty, looked)
+            from torchvision.datasets.utils import download_url
+
+            try:
+                download_url(cls.url, str(stage / ".download"), cls.filename, cls.tgz_md5 if cfg.verify_checksums else None)
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise _download_failed(pretty, exc) from None
+            archive = stage / ".download" / cls.filename
+            folder = _extract(archive, stage / ".download", None, pretty) / cls.base_folder
+            source = f"a download from {cls.url}"
+    out = stage / cls.base_folder
+    out.mkdir()
+    for i, (name, md5) in enumerate(md5s.items()):
+        if cfg.verify_checksums and _md5_file(folder / name) != md5:
+            raise DataError(f"{folder / name}: md5 {_md5_file(folder / name)} is not {pretty}'s published {md5}; "
+                            "replace the file (data.verify_checksums: false skips the check)")
+        shutil.copyfile(folder / name, out / name)
+        progress("fetch-data", i + 1, len(md5s), {})
+    shutil.rmtree(stage / ".download", ignore_errors=True)
+    return source, checked, {}
+
+
+def _extract(archive: Path, into: Path, md5: str | None, pretty: str) -> Path:
+    """Unpack a .tar.gz / .tgz / .zip ``archive`` into ``into`` (its md5 checked first when given); returns ``into``."""
+    import tarfile
+    import zipfile
+
+    if md5 is not None and _md5_file(archive) != md5:
+        raise DataError(f"{archive}: md5 {_md5_file(archive)} is not {pretty}'s published {md5}; replace the archive "
+                        "(data.verify_checksums: false skips the check)")
+    into.mkdir(parents=True, exist_ok=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(into)  # zipfile drops absolute paths and ".." itself
+        else:
+            with tarfile.open(archive) as t:
+                for m in t.getmembers():
+                    if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in Path(m.name).parts:
+                        raise DataError(f"{archive}: unexpected member {m.name!r}; not a dataset archive")
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: refuse anything outside `into`
+                    t.extractall(into, filter="data")
+                else:
+                    t.extractall(into)
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{archive}: cannot unpack it ({type(exc).__name__}: {exc}); replace the archive") from None
+    return into
+
+
+# Tiny-ImageNet -----------------------------------------------------------------------------------
+
+
+def _fetch_tiny_imagenet(cfg: DataConfig, stage: Path, progress: Progress) -> tuple[str, str, dict]:
+    user = _user_source(cfg)
+    zip_checked = f"zip md5 verified ({TINY_IMAGENET_ZIP_MD5})"
+    if user is not None and user.is_file():
+        base = _extract(user, stage / ".download", TINY_IMAGENET_ZIP_MD5 if cfg.verify_checksums else None,
+                        "Tiny-ImageNet") / TINY_IMAGENET_DIR
+        source, checked = f"data.source {user}", zip_checked
+    else:
+        looked = [user / TINY_IMAGENET_DIR, user] if user is not None else [Path(cfg.root) / TINY_IMAGENET_DIR]
+        found = next((d for d in looked if (d / "wnids.txt").is_file()), None)
+        source, checked = f"data.source {user}" if user is not None else str(found), "file counts checked (no published md5s)"
+        if found is None and user is not None:
+            raise DataError(f"data.source: no Tiny-ImageNet (wnids.txt) in {_or_list(looked)}; name the folder holding "
+                            f"{TINY_IMAGENET_DIR}/ or the {TINY_IMAGENET_URL.rsplit('/', 1)[1]} archive")
+        if found is None:
+            if not cfg.download:
+                raise _not_found("Tiny-ImageNet", looked)
+            from torchvision.datasets.utils import download_url
+
+            name = TINY_IMAGENET_URL.rsplit("/", 1)[1]
+            try:
+                download_url(TINY_IMAGENET_URL, str(stage / ".download"), name,
+                             TINY_IMAGENET_ZIP_MD5 if cfg.verify_checksums else None)
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise _download_failed("Tiny-ImageNet", exc) from None
+            found = _extract(stage / ".download" / name, stage / ".download", None, "Tiny-ImageNet") / TINY_IMAGENET_DIR
+            source, checked = f"a download from {TINY_IMAGENET_URL}", zip_checked
+        base = found
+    if not (base / "wnids.txt").is_file():
+        raise DataError(f"{base}: no wnids.txt; not a Tiny-ImageNet-200 folder")
+    wnids = sorted({w.strip() for w in (base / "wnids.txt").read_text().split() if w.strip()})
+    files = [base / "wnids.txt"]
+    if (base / "words.txt").is_file():
+        files.append(base / "words.txt")
+    per_class = []
+    for w in wnids:
+        images = sorted(p for p in (base / "train" / w / "images").glob("*") if p.suffix.lower() in (".jpeg", ".jpg"))
+        per_class.append(len(images))
+        files += images
+    val = sorted(p for p in (base / "val" / "images").glob("*") if p.suffix.lower() in (".jpeg", ".jpg"))
+    files += val + [base / "val" / "val_annotations.txt"]
+    if cfg.verify_checksums:
+        want = TINY_IMAGENET_COUNTS
+        got = {"classes": len(wnids), "train_per_class": min(per_class, default=0), "val": len(val)}
+        if got != want or max(per_class, default=0) != want["train_per_class"]:
+            raise DataError(f"{base}: {got['classes']} classes, {min(per_class, default=0)}-{max(per_class, default=0)} "
+                            f"train images per class and {got['val']} val images, expected {want['classes']}, "
+                            f"{want['train_per_class']} and {want['val']}; re-extract tiny-imagenet-200 "
+                            "(data.verify_checksums: false skips the check)")
+    if not (base / "val" / "val_annotations.txt").is_file():
+        raise DataError(f"{base}: val/val_annotations.txt is missing; re-extract tiny-imagenet-200")
+    out = stage / TINY_IMAGENET_DIR
+    for i, f in enumerate(files):
+        target = out / f.relative_to(base)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
+        if (i + 1) % 1000 == 0 or i + 1 == len(files):
+            progress("fetch-data", i + 1, len(files), {})
+    shutil.rmtree(stage / ".download", ignore_errors=True)
+    return source, checked if cfg.verify_checksums else _UNCHECKED, {}
+
+
+# synthetic ------------------------------------------------------------------------------------
+
+
+def _fetch_synthetic(cfg: DataConfig, stage: Path, progress: Progress) -> tuple[str, str, dict]:
+    progress("fetch-data", 1, 1, {})
+    return "generated on load (only the manifest is written)", "nothing to check", {"synthetic": asdict(cfg.synthetic)}

@@ -10,6 +10,12 @@ class FerdError(Exception):
     """A user-fixable failure; the message is shown as is, on one line."""
 
 
+class FerdWarning(UserWarning):
+    """Something a user should know that does not stop the command (e.g. an artifact that loaded
+    unverified). ``ferd`` never prints: it calls ``warnings.warn(..., FerdWarning)`` and the command
+    line shows the message as one ``warning:`` line."""
+
+
 class ConfigError(FerdError):
     """params.yaml (or a command-line override) is invalid."""
 

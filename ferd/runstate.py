@@ -9,7 +9,9 @@ simply starts over (and the stale folder can be deleted, see README "When things
 
 The run-state folder lives outside DVC's outputs (it is git-ignored and declared nowhere), so DVC
 never caches a half-finished run. The file is safetensors: tensors by name plus one JSON skeleton
-in the metadata that rebuilds the nested dicts / lists / numbers around them. Nothing is pickled.
+in the metadata that rebuilds the nested dicts / lists / numbers around them. A sha256 digest of
+both (``ferd.artifacts.tensors_digest``) is checked on load: a damaged state or part is an error,
+never a silently different resume (issue 12). Nothing is pickled.
 Writes are atomic (temp file + rename): a kill while saving leaves the previous state.
 
 Append-only data (the pool, which grows by one batch per epoch) goes into :class:`Part` files
@@ -36,7 +38,8 @@ from ferd.errors import ArtifactError
 __all__ = ["Part", "RunState", "join_parts", "pack", "row_parts", "unpack"]
 
 _META_KEY = "ferd_run_state"
-_FORMAT = 2  # 2: append-only parts in their own files
+_DIGEST_KEY = "ferd_run_state_digest"
+_FORMAT = 2  # 2: append-only parts in their own files, digests; part of the key (an old state is never found)
 _PART_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -163,24 +166,27 @@ class RunState:
         """Write ``state`` atomically (replacing the previous one); new parts first, each in its own file."""
         from safetensors.torch import save_file
 
-        from ferd.artifacts import atomic_path
+        from ferd.artifacts import atomic_path, tensors_digest
 
         parts: dict[str, Part] = {}
         skeleton, tensors = pack(state, None, parts)
+        text = json.dumps(skeleton)
         self.dir.mkdir(parents=True, exist_ok=True)
         for name, part in parts.items():
             if name in self._parts_on_disk:
                 continue
             columns = {k: v.detach().to("cpu").contiguous() for k, v in part.tensors().items()}
             with atomic_path(self.part_path(name)) as tmp:
-                save_file(columns, str(tmp))
+                save_file(columns, str(tmp), metadata={_DIGEST_KEY: tensors_digest("", columns)})
             self._parts_on_disk.add(name)
         with atomic_path(self.path) as tmp:
-            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(skeleton)})
+            save_file(tensors, str(tmp), metadata={_META_KEY: text, _DIGEST_KEY: tensors_digest(text, tensors)})
 
     def load(self) -> Any | None:
-        """The saved state, or None when there is none; a clear error for an unreadable file or part."""
+        """The saved state, or None when there is none; a clear error for an unreadable or damaged file or part."""
         from safetensors import SafetensorError, safe_open
+
+        from ferd.artifacts import tensors_digest
 
         if not self.path.is_file():
             return None
@@ -189,15 +195,24 @@ class RunState:
             with safe_open(str(self.path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-            skeleton = json.loads(meta[_META_KEY])
+            text = meta[_META_KEY]
+            intact = tensors_digest(text, tensors) == meta[_DIGEST_KEY]
+            skeleton = json.loads(text) if intact else None
             parts = {}
-            for name in _part_names(skeleton):
+            for name in _part_names(skeleton) if intact else ():
                 where = self.part_path(name)
                 with safe_open(str(where), framework="pt") as f:
+                    part_meta = f.metadata() or {}
                     parts[name] = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+                if tensors_digest("", parts[name]) != part_meta[_DIGEST_KEY]:
+                    intact = False
+                    break
         except (SafetensorError, OSError, KeyError, ValueError) as e:  # JSONDecodeError is a ValueError
             raise ArtifactError(f"{where}: unreadable run state ({type(e).__name__}); delete {self.dir} to start "
                                 "this stage over") from None
+        if not intact:
+            raise ArtifactError(f"{where}: damaged run state (checksum mismatch); delete {self.dir} to start this "
+                                "stage over")
         self._parts_on_disk |= set(parts)
         return unpack(skeleton, tensors, parts)
 

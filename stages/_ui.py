@@ -1,9 +1,9 @@
 """What every command shares: params loading, error handling, the config table, progress bars.
 
 Output goes to stderr through rich (stdout stays free for data a user may pipe). A ``FerdError``
-becomes one line on stderr and exit code 1; anything else is a bug and keeps its traceback. There
-is deliberately no ``except Exception``: it would turn ``typer.Exit`` into success and let DVC
-cache a failed stage.
+becomes one line on stderr and exit code 1; a ``FerdWarning`` one ``warning:`` line, and the
+command goes on; anything else is a bug and keeps its traceback. There is deliberately no
+``except Exception``: it would turn ``typer.Exit`` into success and let DVC cache a failed stage.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from ferd.errors import FerdError
+from ferd.errors import FerdError, FerdWarning
 
 console = Console(stderr=True, highlight=False)
 
@@ -47,16 +49,31 @@ def fail(message: str) -> None:
 
 
 def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ``FerdError`` into a one-line message and exit code 1 (nothing else is caught)."""
+    """Turn ``FerdError`` into a one-line message and exit code 1 (nothing else is caught); show every
+    ``FerdWarning`` as one ``warning:`` line on stderr (other warnings go where they always go)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except FerdError as exc:
-            fail(str(exc))
+        with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+            warnings.simplefilter("always", FerdWarning)
+            warnings.showwarning = _show_ferd_warnings(warnings.showwarning)
+            try:
+                return func(*args, **kwargs)
+            except FerdError as exc:
+                fail(str(exc))
 
     return wrapper
+
+
+def _show_ferd_warnings(other: Callable[..., None]) -> Callable[..., None]:
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if issubclass(category, FerdWarning):
+            console.print(Text.assemble(("warning:", "yellow"), " ", " ".join(str(message).split())), soft_wrap=True)
+        else:
+            other(message, category, filename, lineno, file, line)
+
+    return show
 
 
 class DeclaredParams:

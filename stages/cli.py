@@ -10,7 +10,20 @@ from typing import Annotated
 
 import typer
 
-from stages import compare, distill, evaluate, fetch_teacher, gen_utae, info, preset, probe, report, reweight, synth_fae
+from stages import (
+    compare,
+    distill,
+    evaluate,
+    fetch_data,
+    fetch_teacher,
+    gen_utae,
+    info,
+    preset,
+    probe,
+    report,
+    reweight,
+    synth_fae,
+)
 from stages._ui import GlobalOptions
 
 app = typer.Typer(
@@ -48,6 +61,7 @@ TOOLS = "Tools"
 
 #: dvc.yaml stage name -> the module implementing it (its SECTIONS are the params it may read).
 STAGE_MODULES = {
+    "fetch-data": fetch_data,
     "fetch-teacher": fetch_teacher,
     "probe": probe,
     "reweight": reweight,

@@ -3,6 +3,8 @@
 ``ferd compare --run`` plans one ``dvc exp run -n <variant>-s<seed> -S ...`` per pair (the
 comparison setting, the variant's switches, the seed), runs them one after the other in the
 workspace (finished ones are skipped, so a stopped comparison continues), then writes the table.
+``--jobs N`` (N > 1, implies ``--run``) queues them instead (``dvc exp run --queue``) and runs N at
+a time with ``dvc queue start -j N``, waiting for all of them before the table.
 ``ferd compare`` alone only reads ``dvc exp show --json`` and writes the table; ``--dry-run``
 prints the commands. ``ferd compare --list`` shows the variants and their switches.
 """
@@ -30,8 +32,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _sets(items: list[str]) -> dict[str, object]:
-    import yaml
-
+    from ferd.config import yaml_load
     from ferd.errors import ConfigError
 
     out: dict[str, object] = {}
@@ -39,13 +40,16 @@ def _sets(items: list[str]) -> dict[str, object]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set: expected KEY=VALUE (e.g. distill.steps=20), got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = yaml_load(value)  # as DVC's -S reads it: `off` stays a string
     return out
 
 
 @handles_errors
 def command(
     run: Annotated[bool, typer.Option("--run", help="Run the missing experiments first (takes long).")] = False,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Run the missing experiments N at a time in "
+                                             "DVC's experiment queue (implies --run); 1 = one after the other in the "
+                                             "workspace.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the dvc exp run commands; run nothing.")] = False,
     list_variants: Annotated[bool, typer.Option("--list", help="List the variants and their switches.")] = False,
     variants: Annotated[str, typer.Option(help="Comma-separated variants [default: all].")] = "",
@@ -54,6 +58,8 @@ def command(
         = DEFAULT_SETTING,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Extra KEY=VALUE override for every experiment "
                                                     "(wins over the setting and the variant); repeatable.")] = None,
+    poll: Annotated[float, typer.Option(help="Seconds between looks at the queue (with --jobs N > 1).", min=0.1)]
+        = 15.0,
     out: Annotated[Path, typer.Option(help="Folder for compare.md and compare_worst_class.png.")] = Path("reports"),
     dvc: Annotated[str, typer.Option(help="The dvc executable.")] = "dvc",
 ) -> None:
@@ -69,6 +75,7 @@ def command(
         plan,
         records_from_exp_show,
         run_experiments,
+        run_queued,
         summarise,
         worst_class_chart,
     )
@@ -82,11 +89,16 @@ def command(
     for name in names:
         variant(name)  # a clear error for an unknown name
     experiments = plan(names, _ints(seeds), load_setting(setting), _sets(set_ or []))
+    queue = jobs is not None and jobs > 1
     if dry_run:
         for exp in experiments:
-            typer.echo(" ".join(exp.command(dvc)))
+            typer.echo(" ".join(exp.command(dvc)[:3] + ["--queue"] * queue + exp.command(dvc)[3:]))
+        if queue:
+            typer.echo(f"{dvc} queue start -j {jobs}")
         return
-    if run:
+    if queue:
+        run_queued(experiments, jobs=jobs, dvc=dvc, echo=console.print, poll_seconds=poll)
+    elif run or jobs is not None:
         run_experiments(experiments, dvc=dvc, echo=console.print)
 
     records, problems = records_from_exp_show(exp_show(dvc))

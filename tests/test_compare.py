@@ -15,6 +15,7 @@ from ferd.compare import (
     markdown_table,
     parse_experiment_name,
     plan,
+    queue_status,
     records_from_exp_show,
     summarise,
     worst_class_chart,
@@ -163,3 +164,177 @@ def test_preset_command_writes_valid_params(tmp_path):
     before = params.read_bytes()
     result = CliRunner().invoke(app, ["--params", str(params), "preset", "broken", "--configs", str(bad)])
     assert result.exit_code == 1 and "distill.arch" in result.output and params.read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------
+# the experiment queue (ferd compare --jobs N)
+
+
+def _resolved_stages(params: dict) -> dict[str, dict]:
+    """dvc.yaml's stages with foreach expanded and ${...} filled from ``params``: name -> {deps, outs, params}."""
+    import re
+
+    import yaml
+
+    def fill(text: str, extra: dict) -> str:
+        def value(m: re.Match) -> str:
+            node: object = {**params, **extra}
+            for part in m[1].split("."):
+                node = node[part]  # type: ignore[index]
+            return str(node)
+
+        return re.sub(r"\$\{([^}]+)\}", value, text)
+
+    out = {}
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        items = stage["foreach"].items() if "foreach" in stage else [(None, None)]
+        body = stage.get("do", stage)
+        for key, item in items:
+            extra = {} if key is None else {"key": key, "item": item}
+            full = name if key is None else f"{name}@{key}"
+            outs = [next(iter(o)) if isinstance(o, dict) else o for o in body.get("outs", [])]
+            out[full] = {"deps": [fill(d, extra) for d in body.get("deps", [])],
+                         "outs": [fill(o, extra) for o in outs], "params": body.get("params", [])}
+    return out
+
+
+def test_shared_stages_are_untouched_by_variants_and_seeds():
+    """What run_queued runs once for all experiments must not read a variant switch or `seed`."""
+    import yaml
+
+    from ferd.compare import SHARED_STAGES
+    from ferd.variants import SWITCHES
+
+    stages = _resolved_stages(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    producer = {out: name for name, st in stages.items() for out in st["outs"]}
+    varying = {"seed"} | {key.split(".")[0] for key in SWITCHES} | set(SWITCHES)
+    todo, seen = list(SHARED_STAGES), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        assert not varying & set(stages[name]["params"]), f"{name} reads {varying & set(stages[name]['params'])}"
+        todo += [producer[d] for d in stages[name]["deps"] if d in producer]
+    assert seen == {"fetch-data", "fetch-teacher", "evaluate@teacher"}
+
+
+class FakeDvc:
+    """Stands in for the dvc calls of ferd.compare.run_queued: scripted `dvc exp show` and `dvc queue status`
+    answers, every other command recorded."""
+
+    def __init__(self, shows: list[list[dict]], statuses: list[str] | None = None):
+        self.shows, self.statuses, self.calls = shows, statuses or [], []
+
+    def exp_show(self, dvc="dvc", cwd=Path("."), timeout=None):
+        return self.shows.pop(0) if len(self.shows) > 1 else self.shows[0]
+
+    def dvc(self, dvc, *args, cwd, what, timeout=None):
+        self.calls.append(args)
+        return self.statuses.pop(0) if args == ("queue", "status") else ""
+
+
+def _queued(name: str, rev: str, state: str) -> dict:
+    exp = _exp(name, int(name.rsplit("-s", 1)[1]), _metrics(0.5, 0.4, 0.3, 0.1) if state == "success" else None,
+               state=state)
+    exp["revs"][0]["rev"] = rev
+    exp["executor"] = {"state": state, "local": {"log": f"/repo/.dvc/tmp/exps/run/{rev}/{rev}.out"}}
+    return exp
+
+
+def _status(rows: dict[str, str], workers: str) -> str:
+    lines = ["Task     Name        Created    Status"] + [f"{task}  {name}  02:06 AM   {state}"
+                                                         for task, (name, state) in rows.items()]
+    return "\n".join(lines) + f"\n\nWorker status: {workers}\n"
+
+
+def test_queue_status_parsing():
+    text = _status({"ddddddd": ("plain-s0", "Running"), "0a1b2c3": ("", "Success")}, "1 active, 1 idle")
+    text += "4e05eb4  e2      Aug 22, 2022   Failed\n"
+    assert queue_status(text) == ({"ddddddd": "running", "0a1b2c3": "success", "4e05eb4": "failed"}, (1, 1))
+    assert queue_status("nothing useful") == ({}, None)
+
+
+def test_run_queued_skips_waits_requeues_and_names_the_failures(monkeypatch):
+    import ferd.compare as cmp
+
+    def show(*exps):
+        return [{"rev": "head", "experiments": list(exps)}]
+
+    shows = [
+        show(_queued("ferd-s0", "aaaaaaa1", "success"),   # finished: skipped
+             _queued("plain-s0", "bbbbbbb1", "failed"),   # failed before: removed, queued again
+             _queued("dfhl-s0", "ccccccc1", "running")),  # still running from an interrupted compare: waited for
+        show(_queued("plain-s0", "ddddddd1", "queued"), _queued("dfhl-s0", "ccccccc1", "running")),  # task ids
+        show(_queued("plain-s0", "ddddddd1", "failed"), _queued("dfhl-s0", "ccccccc1", "success")),  # the end
+    ]
+    statuses = [
+        _status({"ddddddd": ("plain-s0", "Queued"), "ccccccc": ("dfhl-s0", "Running")}, "0 active, 0 idle"),
+        _status({"ddddddd": ("plain-s0", "Queued"), "ccccccc": ("dfhl-s0", "Success")}, "0 active, 0 idle"),
+        _status({"ddddddd": ("plain-s0", "Running"), "ccccccc": ("dfhl-s0", "Success")}, "1 active, 0 idle"),
+        _status({"ddddddd": ("plain-s0", "Failed"), "ccccccc": ("dfhl-s0", "Success")}, "0 active, 0 idle"),
+    ]
+    fake = FakeDvc(shows, statuses)
+    started, shared, echoed = [], [], []
+    monkeypatch.setattr(cmp, "exp_show", fake.exp_show)
+    monkeypatch.setattr(cmp, "_dvc", fake.dvc)
+    monkeypatch.setattr(cmp, "_git", lambda *a, cwd: "")
+    monkeypatch.setattr(cmp, "_restore_from_head", lambda cwd: None)
+    monkeypatch.setattr(cmp, "_run_shared_stages", lambda first, dvc, cwd: shared.append(first.name))
+    monkeypatch.setattr(cmp, "_start_workers", lambda dvc, jobs, cwd: started.append(jobs))
+    exps = plan(["ferd", "plain", "dfhl"], [0], {})
+    with pytest.raises(FerdError) as err:
+        cmp.run_queued(exps, jobs=2, echo=echoed.append, sleep=lambda s: None)
+    message = str(err.value)
+    assert "1 of 2 experiments failed" in message and "plain-s0 (`dvc queue logs ddddddd`)" in message
+    assert "dfhl-s0" not in message
+    assert fake.calls[0] == ("exp", "remove", "bbbbbbb1")
+    queued = [c for c in fake.calls if c[:3] == ("exp", "run", "--queue")]
+    assert [c[4] for c in queued] == ["plain-s0"] and "-S" in queued[0]
+    assert shared == ["plain-s0"]
+    assert started == [2, 2], "the workers vanished with plain-s0 still queued: started again"
+    assert statuses == [], "polled until nothing was queued or running"
+    assert any("ferd-s0: finished already, skipped" in e for e in echoed)
+    assert any("dfhl-s0: already in the queue" in e for e in echoed)
+    assert [e.split(" [")[0] for e in echoed if e.startswith("plain-s0: ")][-3:] == [
+        "plain-s0: queued", "plain-s0: running", "plain-s0: failed"]
+
+
+def test_run_queued_with_everything_finished_queues_nothing(monkeypatch):
+    import ferd.compare as cmp
+
+    fake = FakeDvc([[{"rev": "head", "experiments": [_queued("ferd-s0", "a1", "success")]}]])
+    monkeypatch.setattr(cmp, "exp_show", fake.exp_show)
+    monkeypatch.setattr(cmp, "_dvc", fake.dvc)
+    monkeypatch.setattr(cmp, "_git", lambda *a, cwd: "")
+    monkeypatch.setattr(cmp, "_start_workers", lambda *a: pytest.fail("nothing to run"))
+    assert cmp.run_queued(plan(["ferd"], [0], {}), jobs=3, echo=lambda m: None) == []
+    assert fake.calls == []
+    with pytest.raises(ConfigError, match="--jobs"):
+        cmp.run_queued([], jobs=0)
+
+
+def test_params_override_keeps_off_a_string(tmp_path):
+    """DVC reads params as YAML 1.2 and `-S` drops quotes: `off` must stay the string 'off' for ferd too."""
+    from ferd.compare import _params_with
+    from ferd.config import load_params, yaml_load
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text().replace("autoattack: standard", "autoattack: off"))
+    assert load_params(params).evaluate.autoattack == "off"
+    text = _params_with(params, {"distill.steps": 3, "evaluate.autoattack": "off", "probe.real_split": "none"})
+    data = yaml_load(text)
+    assert data["distill"]["steps"] == 3 and data["evaluate"]["autoattack"] == "off"
+    params.write_text(text)
+    assert load_params(params).evaluate.autoattack == "off"
+
+
+def test_dry_run_with_jobs_shows_the_queue_commands():
+    from stages.cli import app
+
+    dry = CliRunner().invoke(app, ["compare", "--dry-run", "--variants", "ferd,plain", "--seeds", "0", "--jobs", "2",
+                                   "--setting", str(ROOT / "configs" / "compare.yaml")])
+    assert dry.exit_code == 0, dry.output
+    lines = dry.output.strip().splitlines()
+    assert lines[0].startswith("dvc exp run --queue -n ferd-s0 -S") and lines[1].startswith("dvc exp run --queue -n plain-s0")
+    assert lines[-1] == "dvc queue start -j 2"

@@ -59,8 +59,6 @@ def dvc_repo(tmp_path: Path) -> Path:
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     for pkg in ("ferd", "stages"):
         shutil.copytree(REPO / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "data" / "raw").mkdir(parents=True)
-    (repo / "data" / "raw" / "README").write_text("synthetic data need no files\n")
     write_params(repo / "params.yaml", tiny_params())
     _run(["git", "init", "-q"], repo)
     _dvc(repo, "init", "-q")
@@ -72,13 +70,15 @@ def _ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-ALL = {"fetch-teacher", "probe", "reweight", "synth-fae", "gen-utae", "distill", "evaluate@teacher", "evaluate@student"}
+ALL = {"fetch-data", "fetch-teacher", "probe", "reweight", "synth-fae", "gen-utae", "distill", "evaluate@teacher",
+       "evaluate@student"}
 
 
 @pytest.mark.slow
 def test_dvc_repro_reruns_only_what_changed(dvc_repo: Path):
     assert _ran(_dvc(dvc_repo, "repro")) == ALL
     assert (dvc_repo / "data" / "student" / "student.safetensors").is_file()
+    assert (dvc_repo / "data" / "raw" / "synthetic" / "fetched.json").is_file()  # fetch-data's output, even for synthetic
     assert _ran(_dvc(dvc_repo, "repro")) == set(), "nothing changed: nothing runs"
 
     params = tiny_params(runtime={"device": "cpu", "threads": 2})  # speed only: not a dependency
