@@ -208,6 +208,7 @@ class FaeConfig:
     shadow_width: int = rng(8, ge=1)
     shadow_steps: int = rng(10, ge=0)
     shadow_lr: float = rng(0.05, gt=0.0)
+    shadow_adv_steps: int = rng(0, ge=0)  # > 0: the shadow trains on KL-PGD examples too, like the student
 
     def __post_init__(self) -> None:
         if self.warmup >= self.epochs:
@@ -245,7 +246,6 @@ class DistillConfig:
     ikl_temperature: float = rng(100.0, gt=0.0)  # T2 of the IKL weights softmax(t / T2)
     utae_init: Literal["noise", "cached"] = "noise"  # from FAE + noise (faithful) or from gen-utae's perturbation
     cached_steps: int = rng(3, ge=1)  # UTAE steps when starting from the cached perturbation
-    holdout_per_class: int = rng(10, ge=0)  # pool images per class held out for the synthetic PGD curve
     augment_pad: int = rng(2, ge=0)
     augment_flip: bool = False
     mix: Literal["none", "mixup", "cutmix"] = "none"  # mix pool images within a batch (teacher labels the mixture)

@@ -16,8 +16,9 @@ Pool growth (DESIGN ``distill.schedule``): student epoch k (global epoch warmup 
 images synthesised in epochs ≤ warmup + k. ``staged``: the cached pool already holds every epoch;
 ``interleaved``: a ``synthesize(epoch, student)`` callback appends that epoch's batch first.
 
-A fixed class-balanced holdout of pool images (never trained on) gives a per-epoch synthetic
-clean / PGD-10 curve against the teacher's labels. No test set is ever touched here.
+A fixed class-balanced holdout of synthetic images that are not in the pool (the probe set of
+``ferd probe``, never trained on) gives a per-epoch synthetic clean / PGD-10 curve against the
+teacher's labels. No test set is ever touched here.
 
 The step loop does not synchronise with the host (docs/gpu.md): the pool images (and cached UTAE
 perturbations) stay on the compute device when they fit in ``POOL_DEVICE_FRACTION`` of its free
@@ -55,7 +56,6 @@ __all__ = [
     "LOG_COLUMNS",
     "DistillState",
     "Pool",
-    "split_holdout",
     "student_loss",
     "train_student",
 ]
@@ -178,26 +178,6 @@ class Pool:
         return Pool(self.x.to(device), self.y, self.epoch)
 
 
-def split_holdout(pool: Pool, per_class: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """``(train_idx, holdout_idx)``, disjoint, ascending: ``per_class`` random images of each pool
-    label held out, capped at half of that class's images so every class keeps training images.
-    ``per_class = 0`` gives an empty holdout."""
-    n = len(pool)
-    if per_class < 0:
-        raise ValueError(f"split_holdout: per_class must be >= 0, got {per_class}")
-    held: list[Tensor] = []
-    if per_class > 0:
-        for c in torch.unique(pool.y).tolist():
-            idx = torch.nonzero(pool.y == c, as_tuple=False).flatten()
-            k = min(per_class, idx.numel() // 2)
-            if k:
-                held.append(idx[torch.randperm(idx.numel(), generator=generator)[:k]])
-    holdout = torch.sort(torch.cat(held)).values if held else torch.empty(0, dtype=torch.long)
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[holdout] = True
-    return torch.nonzero(~mask, as_tuple=False).flatten(), holdout
-
-
 # --------------------------------------------------------------------------------------------
 # --------------------------------------------------------------------------------------------
 # training loop
@@ -211,7 +191,6 @@ class DistillState:
     generators of the loop (``sample``, ``augment``, ``utae``; CPU generators: on CUDA each epoch's
     device generators are seeded from them). ``pool``: the pool as it is now (it grows under the
     interleaved schedule; a view, its images possibly on the device, never changed by later appends).
-    ``holdout_idx``: the fixed holdout indices into the pool.
     """
 
     student: dict[str, Tensor]
@@ -221,7 +200,6 @@ class DistillState:
     rng: dict[str, Tensor]
     log: list[dict[str, float]] = field(default_factory=list)
     pool: Pool | None = None
-    holdout_idx: Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Nested dicts / lists / tensors for :class:`ferd.runstate.RunState`; the pool as append-only
@@ -342,6 +320,7 @@ def train_student(
     seed: int,
     device: torch.device | str,
     cached_delta: Tensor | None = None,
+    holdout: Tensor | None = None,
     synthesize: Callable[[int, nn.Module], tuple[Tensor, Tensor]] | None = None,
     state: DistillState | None = None,
     on_epoch_end: Callable[[DistillState], None] | None = None,
@@ -350,7 +329,9 @@ def train_student(
 ) -> DistillState:
     """Distil ``teacher`` into ``student`` for student epochs k = 1..(total_epochs − warmup) (§3 C).
 
-    ``pool``: CPU pool; epoch k trains on its non-holdout images of synthesis epoch ≤ warmup + k.
+    ``pool``: CPU pool; epoch k trains on its images of synthesis epoch ≤ warmup + k. ``holdout``:
+    synthetic images never trained on (the probe set, float [H,C,H,W]); the student's clean and PGD
+    agreement with the teacher's label on them is logged every epoch (NaN without a holdout).
     ``synthesize(warmup + k, student)`` (interleaved schedule) returns that epoch's ``(x, y)``, which
     is appended before epoch k. ``cached_delta`` (float [N,C,H,W], x_U − x_F against the teacher,
     from ``gen-utae``) is required by ``cfg.utae_init == "cached"``: the UTAE then starts from the
@@ -391,7 +372,6 @@ def train_student(
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
             for _ in range(warmup):
                 scheduler.step()
-        _, holdout_idx = split_holdout(pool, cfg.holdout_per_class, torch_generator(seed, "distill/holdout"))
         log: list[dict[str, float]] = []
         start_k = 1
     else:
@@ -402,7 +382,6 @@ def train_student(
             g.set_state(state.rng[name])
         if state.pool is not None:
             pool = state.pool
-        holdout_idx = state.holdout_idx if state.holdout_idx is not None else torch.empty(0, dtype=torch.long)
         log = [dict(row) for row in state.log]
         start_k = state.epoch + 1
 
@@ -425,8 +404,8 @@ def train_student(
     total_steps = student_epochs * cfg.steps
     last = state
     with frozen_eval(teacher):
-        hold_x = pool.x[holdout_idx]
-        hold_t = _logits(teacher, hold_x, device).argmax(dim=1) if holdout_idx.numel() else None
+        hold_x = None if holdout is None or len(holdout) == 0 else holdout.to(device=device, dtype=pool.x.dtype)
+        hold_t = None if hold_x is None else _logits(teacher, hold_x, device).argmax(dim=1)
         for k in range(start_k, student_epochs + 1):
             epoch = warmup + k
             if synthesize is not None:
@@ -435,11 +414,9 @@ def train_student(
                 pool = pool.append(xs, ys.cpu(), epoch, reserve=(student_epochs - k + 1) * xs.shape[0])
                 if not resident:
                     gather.sources[0] = pool.x
-            is_hold = torch.zeros(len(pool), dtype=torch.bool)
-            is_hold[holdout_idx] = True
-            idx = torch.nonzero((pool.epoch <= epoch) & ~is_hold, as_tuple=False).flatten()
+            idx = torch.nonzero(pool.epoch <= epoch, as_tuple=False).flatten()
             if idx.numel() == 0:
-                raise FerdError(f"distill: epoch {epoch} has no training images (pool epochs <= {epoch}, holdout removed)")
+                raise FerdError(f"distill: epoch {epoch} has no training images (pool epochs <= {epoch})")
             lr = optimizer.param_groups[0]["lr"]
             # this epoch's per-step generators on the device (the CPU generators themselves on the CPU)
             dev_gens = {name: device_generator(g, device) for name, g in gens.items()}
@@ -537,7 +514,6 @@ def train_student(
                 rng={name: g.get_state() for name, g in gens.items()},
                 log=[dict(row) for row in log],
                 pool=pool,
-                holdout_idx=holdout_idx.clone(),
             )
             if on_epoch_end is not None:
                 on_epoch_end(last)
@@ -554,6 +530,7 @@ def run_distill(
     *,
     cached_delta: Tensor | None,
     device: torch.device | str,
+    probe_data: Any = None,
     resume: dict[str, Any] | None = None,
     save_state: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress = no_progress,
@@ -564,6 +541,8 @@ def run_distill(
     warm-up epochs; before every student epoch a :class:`ferd.synthesis.Synthesizer` continues the
     synthesis loop (re-probe, re-weight, append) against the live student. Returns the student (eval
     mode) and one log row per student epoch, with the class proportions that epoch's images used.
+    ``probe_data`` (:class:`ferd.synthesis.ProbeData`): the synthetic holdout of the per-epoch curve,
+    and what the interleaved schedule's reweighting signal and diagnostics read.
 
     ``save_state(state)`` receives, after every student epoch, a plain dict with the training state
     (and the synthesis loop's, interleaved) that ``resume=state`` continues from, bit for bit.
@@ -588,7 +567,8 @@ def run_distill(
     if cfg.schedule == "interleaved":
         synth = Synthesizer(teacher, fae, params.probe, params.reweight, num_classes=info.num_classes,
                             image_shape=tuple(info.image_shape), eps=params.data.eps, seed=params.seed, device=device,
-                            state=synth_state, progress=progress, precision=params.runtime.precision)
+                            state=synth_state, progress=progress, precision=params.runtime.precision,
+                            probe_data=probe_data)
 
         def synthesize(epoch: int, live_student: nn.Module) -> tuple[Tensor, Tensor]:
             x, y, _row = synth.epoch(epoch, live_student)
@@ -601,7 +581,8 @@ def run_distill(
 
     final = train_student(
         student, teacher, pool, cfg, params.utae, total_epochs=fae.epochs, warmup=fae.warmup, eps=params.data.eps,
-        seed=params.seed, device=device, cached_delta=cached_delta, synthesize=synthesize, state=state,
+        seed=params.seed, device=device, cached_delta=cached_delta,
+        holdout=None if probe_data is None else probe_data.holdout_x, synthesize=synthesize, state=state,
         on_epoch_end=on_epoch_end, progress=progress, precision=params.runtime.precision,
     )
     rows = []

@@ -46,6 +46,38 @@ class SynthesisState:
     gen_state: dict[str, Tensor] | None = None  # the generator carried across epochs (fae.generator: carried)
 
 
+@dataclass(frozen=True)
+class ProbeData:
+    """What the reweighting signals and diagnostics read besides the pool (from ``ferd probe``'s file).
+
+    ``holdout_x``: the class-balanced synthetic probe set, never trained on; ``holdout_t``: the
+    teacher's labels of it (argmax). ``real_fragility``: the teacher's per-class fragility D on real
+    images (``probe.real_split``; None when off); ``real_images``: those real images and labels, for
+    the student's real-image diagnostic. Real images are diagnostics only: they never reach training
+    (the ``oracle`` signal, an upper bound, is labelled as such).
+    """
+
+    holdout_x: Tensor
+    holdout_t: Tensor
+    real_fragility: Tensor | None = None
+    real_images: tuple[Tensor, Tensor] | None = None
+
+
+def probe_data(arrays: dict[str, Any], data: Any, probe: ProbeConfig, seed: int, *, real_images: bool) -> ProbeData:
+    """:class:`ProbeData` from the probe file's arrays; with ``real_images`` (only the ``student``
+    signal's diagnostic needs them) the probe's real images are loaded again (the same seeded subset)."""
+    from ferd.data import class_balanced_subset, load_split
+
+    images = None
+    if real_images and "real_D" in arrays and probe.real_split != "none":
+        real = class_balanced_subset(load_split(data, probe.real_split), probe.real_per_class, seed=seed)
+        images = (real.images(), real.y)
+    return ProbeData(
+        holdout_x=torch.as_tensor(arrays["x"]), holdout_t=torch.as_tensor(arrays["clean_pred"]).long(),
+        real_fragility=torch.as_tensor(arrays["real_D"]) if "real_D" in arrays else None, real_images=images,
+    )
+
+
 class Synthesizer:
     """Runs synthesis epochs against a frozen teacher; see the module docstring."""
 
@@ -64,15 +96,50 @@ class Synthesizer:
         state: SynthesisState,
         progress: Progress = no_progress,
         precision: str = "fp32",
-        real_fragility: Tensor | None = None,
-        real_images: tuple[Tensor, Tensor] | None = None,
+        probe_data: ProbeData | None = None,
     ) -> None:
+        from ferd.errors import ConfigError
+
         self.teacher, self.fae, self.probe, self.reweight = teacher, fae, probe, reweight
         self.num_classes, self.image_shape, self.eps, self.seed = num_classes, image_shape, eps, seed
         self.device, self.state, self.progress, self.precision = device, state, progress, precision
-        self.real_fragility, self.real_images = real_fragility, real_images
-        if reweight.signal == "oracle" and real_fragility is None:
-            raise ValueError("reweight.signal oracle needs the teacher's fragility on real images (probe.real_split)")
+        self.data = probe_data
+        if reweight.method != "uniform" and reweight.signal == "oracle" and (
+                probe_data is None or probe_data.real_fragility is None):
+            raise ConfigError("reweight.signal: oracle needs the teacher's fragility on real images; set "
+                              "probe.real_split to train")
+        if reweight.method != "uniform" and reweight.signal == "student" and probe_data is None:
+            raise ConfigError("reweight.signal: student needs the probe set as its synthetic holdout; run `ferd probe`")
+
+    def _attack(self, model: nn.Module, x: Tensor, y: Tensor, name: str) -> Any:
+        from ferd.probe import probe_teacher
+
+        return probe_teacher(model, x, y, self.num_classes, eps=self.eps, alpha=self.probe.step_size * self.eps,
+                             steps=self.probe.steps, mode="all", generator=torch_generator(self.seed, name))
+
+    def signal(self, epoch: int, result: Any, y: Tensor, student: nn.Module | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(D measured this epoch, classes measured, real-image diagnostic to rank it against or None)``.
+
+        ``teacher`` (paper, §2.2): the teacher's fragility on the epoch's kept batch (all samples, or
+        with ``probe.fragility: agreed`` those it labels right), against its fragility on real images.
+        ``student`` (beyond the paper): the student's fragility (PGD margin w.r.t. the teacher's label)
+        on the synthetic holdout, against the student's fragility on real images; the shadow student
+        in ``staged``, the live one in ``interleaved``. ``oracle`` (a diagnostic upper bound, never a
+        method): the teacher's fragility on real images itself.
+        """
+        signal, data = self.reweight.signal, self.data
+        real_teacher = data.real_fragility if data is not None else None
+        if signal == "oracle":
+            return real_teacher, torch.ones(self.num_classes, dtype=torch.bool), real_teacher
+        if signal == "student" and student is not None:
+            res = self._attack(student, data.holdout_x, data.holdout_t, f"synth-fae/student-probe-{epoch}")
+            present = torch.bincount(data.holdout_t, minlength=self.num_classes) > 0
+            diagnostic = None
+            if data.real_images is not None:
+                diagnostic = self._attack(student, *data.real_images, f"synth-fae/student-real-{epoch}").D
+            return res.D, present, diagnostic
+        counted = (result.clean_pred == y) if self.probe.fragility == "agreed" else torch.ones_like(y, dtype=torch.bool)
+        return result.D, torch.bincount(y[counted], minlength=self.num_classes) > 0, real_teacher
 
     def epoch(self, epoch: int, student: nn.Module | None) -> tuple[Tensor, Tensor, dict[str, float]]:
         """Synthesise epoch ``epoch`` (1-based) against ``student``; update p; return (x, y, log row).
@@ -99,31 +166,8 @@ class Synthesizer:
             generator=torch_generator(self.seed, f"synth-fae/probe-{epoch}"),
         )
         x, y = kept.x.detach().cpu(), kept.y.cpu()
-        signal = self.reweight.signal
-        diagnostic = self.real_fragility
-        if signal == "teacher" or (signal == "student" and student is None):
-            counted = (result.clean_pred == y) if self.probe.fragility == "agreed" else torch.ones_like(y, dtype=torch.bool)
-            present = torch.bincount(y[counted], minlength=self.num_classes) > 0
-            measured = result.D
-        elif signal == "student":
-            # the student's robust margin w.r.t. the teacher's label, on this epoch's new images (never trained on yet)
-            sres = probe_teacher(student, x, result.clean_pred, self.num_classes, eps=self.eps,
-                                 alpha=self.probe.step_size * self.eps, steps=self.probe.steps, mode="all",
-                                 generator=torch_generator(self.seed, f"synth-fae/student-probe-{epoch}"))
-            present = torch.bincount(result.clean_pred, minlength=self.num_classes) > 0
-            measured = sres.D
-            if self.real_images is not None:
-                rx, ry = self.real_images
-                diagnostic = probe_teacher(student, rx, ry, self.num_classes, eps=self.eps,
-                                           alpha=self.probe.step_size * self.eps, steps=self.probe.steps, mode="all",
-                                           generator=torch_generator(self.seed, f"synth-fae/student-real-{epoch}")).D
-            else:
-                diagnostic = None
-        else:  # oracle: the teacher's fragility on real images (a diagnostic upper bound, never a method)
-            present = torch.ones(self.num_classes, dtype=torch.bool)
-            measured = self.real_fragility
-        measured = fill_absent(measured, present, st.D)
-        st.D = smooth_fragility(st.D, measured, self.reweight.momentum)
+        measured, present, diagnostic = self.signal(epoch, result, y, student)
+        st.D = smooth_fragility(st.D, fill_absent(measured, present, st.D), self.reweight.momentum)
         st.p = class_proportions(st.D, self.reweight)
         st.p_history.append([float(v) for v in p_used])
         st.D_history.append([float(v) for v in st.D])
@@ -148,10 +192,19 @@ def train_shadow(
     lr: float,
     generator: torch.Generator,
     device: Any,
+    adv_steps: int = 0,
+    eps: float = 0.0,
 ) -> None:
-    """``steps`` SGD steps of KL(teacher ‖ shadow) on clean pool images (the staged L_adv stand-in)."""
+    """``steps`` SGD steps of KL(teacher ‖ shadow) on pool images (the staged L_adv stand-in).
+
+    With ``adv_steps`` > 0 the shadow trains like the student (§2.6, project default §9 #4):
+    5/6·KL(T(x)‖S(x)) + 1/6·KL(T(x)‖S(x_adv)), x_adv a KL-PGD of ``adv_steps`` steps of ε/4 in the
+    ε-ball against the shadow, so that its per-class robust error (the ``student`` reweighting signal)
+    is the error of a robustly trained student.
+    """
     from ferd.attacks import frozen_eval
     from ferd.losses import kl_div
+    from ferd.utae import craft_utae
 
     if steps == 0 or len(pool_x) == 0:
         return
@@ -163,7 +216,13 @@ def train_shadow(
             x = pool_x[idx].to(device)
             with torch.no_grad():
                 t = teacher(x)
-            loss = kl_div(t, shadow(x))
+            if adv_steps:
+                x_adv = craft_utae(shadow, x, t, eps=eps, alpha=eps / 4, steps=adv_steps, gamma=0.0, init_noise=0.001,
+                                   generator=generator)
+                shadow.train()
+                loss = 5 / 6 * kl_div(t, shadow(x)) + 1 / 6 * kl_div(t, shadow(x_adv))
+            else:
+                loss = kl_div(t, shadow(x))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -187,8 +246,7 @@ def synthesize_pool(
     save_state: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress = no_progress,
     precision: str = "fp32",
-    real_fragility: Tensor | None = None,
-    real_images: tuple[Tensor, Tensor] | None = None,
+    probe_data: ProbeData | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, SynthesisState]:
     """The ``synth-fae`` stage: ``epochs`` synthesis epochs with a shadow student; (x, y, epoch, state).
 
@@ -218,11 +276,12 @@ def synthesize_pool(
         start = resume["epoch"] + 1
     synth = Synthesizer(teacher, fae, probe, reweight, num_classes=num_classes, image_shape=image_shape, eps=eps,
                         seed=seed, device=device, state=state, progress=progress, precision=precision,
-                        real_fragility=real_fragility, real_images=real_images)
+                        probe_data=probe_data)
     for epoch in range(start, epochs + 1):
         x, y, _row = synth.epoch(epoch, shadow)
         pool.append(x, y, torch.full((len(y),), epoch, dtype=torch.long))
         train_shadow(shadow, teacher, pool.x, steps=fae.shadow_steps, batch_size=fae.batch_size,
+                     adv_steps=fae.shadow_adv_steps, eps=eps,
                      lr=fae.shadow_lr, generator=g_shadow, device=device)
         progress("synthesis epochs", epoch, epochs, {"teacher_acc": _row.get("teacher_acc", float("nan"))})
         if save_state is not None:

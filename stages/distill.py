@@ -39,6 +39,8 @@ def command(
     utae: Annotated[Path, typer.Option(help="UTAE perturbations from `ferd gen-utae`.")] = Path("data/utae/utae.h5"),
     out: Annotated[Path, typer.Option(help="The student model.")] = Path("data/student/student.safetensors"),
     log: Annotated[Path, typer.Option(help="Per-epoch distillation log (CSV).")] = Path("metrics/distill.csv"),
+    probe: Annotated[Path, typer.Option(help="Probe results: the synthetic holdout (and real-image diagnostics).")] = Path(
+        "data/probe/probe.h5"),
 ) -> None:
     """Train the student on the pool with KL (or IKL) on FAEs and their UTAEs, crafted against the live student."""
     import torch
@@ -60,11 +62,16 @@ def command(
     if params.distill.utae_init == "cached":
         utae_arrays, _ = load_h5(utae, kind="utae", required=("delta",), produced_by="gen-utae")
         delta = torch.as_tensor(utae_arrays["delta"])
-    inputs = [teacher, pool, *([utae] if delta is not None else [])]
+    from ferd.synthesis import probe_data
+
+    probe_arrays, _ = load_h5(probe, kind="probe", required=("x", "clean_pred"), produced_by="probe")
+    data = probe_data(probe_arrays, params.data, params.probe, params.seed,
+                      real_images=params.distill.schedule == "interleaved" and params.reweight.signal == "student")
+    inputs = [teacher, pool, probe, *([utae] if delta is not None else [])]
     run_state = stage_run_state(params, "distill", SECTIONS, inputs)
     save_state = checkpointer(run_state, params.runtime.checkpoint_every, lambda st: st["distill"]["epoch"])
     with timed("distill"), RichProgress() as progress:
-        student, rows = run_distill(model, arrays, params, info, cached_delta=delta, device=device,
+        student, rows = run_distill(model, arrays, params, info, cached_delta=delta, device=device, probe_data=data,
                                     resume=resume_from(run_state, "distill"), save_state=save_state, progress=progress)
     d = params.distill
     meta = model_meta(arch=d.arch, num_classes=info.num_classes, input_shape=info.image_shape,

@@ -58,15 +58,11 @@ def command(
         raise ArtifactError(f"{weights}: {len(cw.get('p', []))} class proportions for a {info.num_classes}-class teacher; "
                             "rerun `ferd probe` and `ferd reweight`")
     from ferd.artifacts import load_h5
-    from ferd.data import class_balanced_subset, load_split
+    from ferd.synthesis import probe_data
 
-    probe_arrays, _ = load_h5(probe, kind="probe", produced_by="probe")
-    real_fragility = torch.as_tensor(probe_arrays["real_D"]) if "real_D" in probe_arrays else None
-    real_images = None
-    if params.probe.real_split != "none":
-        real = class_balanced_subset(load_split(params.data, params.probe.real_split), params.probe.real_per_class,
-                                     seed=params.seed)
-        real_images = (real.images(), real.y)
+    probe_arrays, _ = load_h5(probe, kind="probe", required=("x", "clean_pred"), produced_by="probe")
+    data = probe_data(probe_arrays, params.data, params.probe, params.seed,
+                      real_images=params.reweight.signal == "student")
     epochs = params.fae.epochs if params.distill.schedule == "staged" else params.fae.warmup
     run_state = stage_run_state(params, "synth-fae", SECTIONS, [teacher, weights])
     save_state = checkpointer(run_state, params.runtime.checkpoint_every, lambda st: st["epoch"])
@@ -76,7 +72,7 @@ def command(
             num_classes=info.num_classes, image_shape=tuple(info.image_shape), eps=params.data.eps, seed=params.seed,
             device=device, resume=resume_from(run_state, "synth-fae"), save_state=save_state, progress=progress,
             precision=params.runtime.precision,
-            real_fragility=real_fragility, real_images=real_images,
+            probe_data=data,
         )
     attrs = {"num_classes": info.num_classes, "class_names": list(info.class_names), "seed": params.seed,
              "image_shape": list(info.image_shape), "schedule": params.distill.schedule,
