@@ -4,12 +4,20 @@ Output goes to stderr through rich (stdout stays free for data a user may pipe).
 becomes one line on stderr and exit code 1; anything else is a bug and keeps its traceback. There
 is deliberately no ``except Exception``: it would turn ``typer.Exit`` into success and let DVC
 cache a failed stage.
+
+Data parallelism (docs/distributed.md): with ``runtime.nproc`` > 1 and no launcher around it, a heavy
+stage runs itself again as ``nproc`` ranks (:func:`launch_ranks`) and prints the one error line of a
+failed rank; under a launcher (torchrun, or that relaunch) :func:`setup_torch` joins the process
+group, only rank 0 prints, and only rank 0 writes artifacts and run state (:func:`rank0_writes`,
+:func:`checkpointer`).
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -18,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -39,15 +48,39 @@ def global_options(ctx: typer.Context) -> GlobalOptions:
     return obj if isinstance(obj, GlobalOptions) else GlobalOptions()
 
 
-def fail(message: str) -> None:
-    """Print one error line on stderr and exit 1."""
+def fail(message: str, kind: str = "error") -> None:
+    """Print one error line on stderr and exit 1.
+
+    A rank of a distributed run (``RANK`` set by the launcher) also records the line for the
+    launcher (``ferd.distributed.record_failure``); one that ``ferd`` launched itself leaves the
+    printing to the launching process, which prints the first failed rank's line alone.
+    """
     first = " ".join(str(message).split())
+    if "RANK" in os.environ:  # a rank (torch is imported by then)
+        from ferd.distributed import launched_by_ferd, record_failure
+
+        record_failure(first, kind)
+        if launched_by_ferd():
+            raise typer.Exit(code=1)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            first = f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: {first}"
     print(f"error: {first}", file=sys.stderr)
     raise typer.Exit(code=1)
 
 
+def _lost_peer_errors() -> tuple[type[BaseException], ...]:
+    """torch.distributed's errors for a rank that died or a collective that broke (when torch is loaded)."""
+    dist = sys.modules.get("torch.distributed")
+    error = getattr(dist, "DistError", None) if dist is not None else None
+    return (error,) if isinstance(error, type) else ()
+
+
 def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ``FerdError`` into a one-line message and exit code 1 (nothing else is caught)."""
+    """Turn ``FerdError`` into a one-line message and exit code 1 (nothing else is caught).
+
+    In a rank of a distributed run, a collective that fails because another rank died (torch's
+    ``DistError``) is reported the same way, as a lost peer: the launcher names the rank that failed.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -55,6 +88,10 @@ def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except FerdError as exc:
             fail(str(exc))
+        except _lost_peer_errors() as exc:
+            if "RANK" not in os.environ:
+                raise
+            fail(f"a collective operation failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", "peer")
 
     return wrapper
 
@@ -102,14 +139,74 @@ def load_stage_params(ctx: typer.Context, sections: tuple[str, ...]) -> Any:
 def setup_torch(params: Any, stage: str, seed: int | None = None) -> Any:
     """Threads, torch's global seed (the run ``seed`` unless the stage has its own), device; returns the torch.device.
 
-    Refuses ``runtime.precision: bf16`` unless the device resolves to CUDA.
+    Refuses ``runtime.precision: bf16`` unless the device resolves to CUDA. Under a launcher (torchrun,
+    or :func:`launch_ranks`) it joins the process group (gloo on the CPU, NCCL on CUDA, this rank on
+    ``cuda:LOCAL_RANK``), splits ``runtime.threads`` between the ranks of this machine, silences every
+    rank but rank 0, and leaves the group when the command ends.
     """
     from ferd.runtime import check_precision, configure_torch, resolve_device
 
-    configure_torch(params.runtime.threads, params.seed if seed is None else seed, stage)
+    threads = params.runtime.threads
+    if "RANK" in os.environ:
+        from ferd.distributed import local_world_size, threads_per_rank
+
+        threads = threads_per_rank(threads, local_world_size())
+    configure_torch(threads, params.seed if seed is None else seed, stage)
     device = resolve_device(params.runtime.device)
     check_precision(params.runtime.precision, device)
+    from ferd.distributed import init_process_group, is_main, shutdown, under_launcher
+
+    if under_launcher():
+        device = init_process_group(device)
+        atexit.register(shutdown)
+        console.quiet = not is_main()
     return device
+
+
+def launch_ranks(ctx: typer.Context, params: Any, stage: str, *, when: bool = True) -> bool:
+    """Run this command as ``runtime.nproc`` ranks on this machine and return True (the caller then
+    returns at once), when ``nproc`` > 1, ``when`` holds and no launcher started this process;
+    otherwise False. The ranks rerun the same command line (``python -m stages.cli ...``) under torch's
+    elastic launcher (``ferd.distributed.launch``); a failed rank raises one ``FerdError`` line."""
+    nproc = params.runtime.nproc
+    if nproc <= 1 or not when or "RANK" in os.environ:
+        return False
+    from ferd.distributed import launch
+
+    console.print(f"{stage}: {nproc} processes (runtime.nproc), torch.distributed")
+    launch([sys.executable, "-m", "stages.cli", *_command_line(ctx)], nproc, params.runtime.threads)
+    return True
+
+
+def _command_line(ctx: typer.Context) -> list[str]:
+    """The arguments that run this command again: the global options, the command, its options."""
+    opts = global_options(ctx)
+    args = ["--params", str(opts.params)]
+    if opts.device is not None:
+        args += ["--device", opts.device]
+    if opts.threads is not None:
+        args += ["--threads", str(opts.threads)]
+    args.append(ctx.info_name or "")
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or value is None:
+            continue
+        if param.is_flag:
+            flag = param.opts[0] if value else (param.secondary_opts[0] if param.secondary_opts else None)
+            if flag:
+                args.append(flag)
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def rank0_writes() -> bool:
+    """Whether this process writes the stage's artifacts: after every rank has finished computing
+    (a barrier), rank 0 only; always in one process."""
+    from ferd.distributed import barrier, is_main
+
+    barrier()
+    return is_main()
 
 
 def _resolve(params: Any, dotted: str) -> Any:
@@ -248,8 +345,9 @@ def stage_run_state(params: Any, stage: str, sections: tuple[str, ...], inputs: 
 
 
 def checkpointer(run_state: Any, every: int, epoch_of: Callable[[Any], int]) -> Callable[[Any], None] | None:
-    """A ``save_state`` callback that saves every ``every`` epochs (None without a run state)."""
-    if run_state is None:
+    """A ``save_state`` callback that saves every ``every`` epochs (None without a run state, and on
+    every rank but rank 0 of a distributed run: rank 0 alone writes the run state)."""
+    if run_state is None or not _is_main():
         return None
 
     def save(state: Any) -> None:
@@ -259,11 +357,28 @@ def checkpointer(run_state: Any, every: int, epoch_of: Callable[[Any], int]) -> 
     return save
 
 
-def resume_from(run_state: Any, stage: str) -> Any:
-    """The saved state to continue from (and say so), or None."""
+def resume_from(run_state: Any, stage: str, epoch_of: Callable[[Any], int] | None = None) -> Any:
+    """The saved state to continue from (and say so), or None.
+
+    In a distributed run every rank loads the state itself; with ``epoch_of`` the ranks first check
+    that they all found the same one (a run-state folder that not every node sees is an error).
+    """
     if run_state is None:
         return None
     state = run_state.load()
+    if epoch_of is not None and "RANK" in os.environ:
+        from ferd.distributed import agree
+
+        agree(-1 if state is None else int(epoch_of(state)), f"the run state to resume from ({run_state.dir})",
+              "put runtime.state_dir on a filesystem every node shares, or delete it to start over")
     if state is not None:
         console.print(f"{stage}: resuming from the run state in {run_state.dir} (delete it to start over)")
     return state
+
+
+def _is_main() -> bool:
+    if "RANK" not in os.environ:
+        return True
+    from ferd.distributed import is_main
+
+    return is_main()
