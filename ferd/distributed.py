@@ -433,7 +433,8 @@ def record_failure(message: str, kind: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    record = {"message": {"message": message, "extraInfo": {"py_callstack": "", "timestamp": str(int(time.time()))}},
+    # torchrun's failure report prints py_callstack as the rank's "traceback": the line says it all
+    record = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}},
               "ferd": {"kind": kind, "line": message}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(record))
@@ -474,7 +475,7 @@ def _describe(failures: Mapping[int, Any], nproc: int) -> str:
             name = signal.Signals(-f.exitcode).name
         except ValueError:
             name = f"signal {-f.exitcode}"
-        hint = " (out of memory?)" if f.exitcode == -signal.SIGKILL else ""
+        hint = " (from outside, or by the kernel when out of memory)" if f.exitcode == -signal.SIGKILL else ""
         return (f"{who} was killed by {name}{hint}; the other ranks were stopped and nothing was written; "
                 "run the stage again to continue from its last run state")
     return f"{who} crashed with exit code {f.exitcode} (its traceback is above); nothing was written"

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -187,11 +186,11 @@ def _command_line(ctx: typer.Context) -> list[str]:
     if opts.threads is not None:
         args += ["--threads", str(opts.threads)]
     args.append(ctx.info_name or "")
-    for param in ctx.command.params:
+    for param in ctx.command.params:  # typer's (vendored click) parameters
         value = ctx.params.get(param.name)
-        if not isinstance(param, click.Option) or value is None:
+        if getattr(param, "param_type_name", None) != "option" or value is None:
             continue
-        if param.is_flag:
+        if getattr(param, "is_flag", False):
             flag = param.opts[0] if value else (param.secondary_opts[0] if param.secondary_opts else None)
             if flag:
                 args.append(flag)
