@@ -160,8 +160,11 @@ def init_process_group(device: torch.device) -> torch.device:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
-    else:
+    elif device.type == "cpu":
         dist.init_process_group("gloo")
+    else:
+        raise ConfigError(f"runtime.device is {device}: several processes run on the CPU (gloo) or on CUDA GPUs "
+                          "(NCCL) only; set runtime.nproc: 1 or another device")
     return device
 
 

@@ -399,6 +399,7 @@ def synthesize_epoch(
     best_robust = torch.zeros((), **f64)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     bad_values = torch.zeros(1 + len(_TERMS), **f64)  # total, bn, adv, oh, uni of the first bad step
+    term_weights = torch.tensor([weights[name] for name in _TERMS], **f64) if sh is not None else None
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_eval(teacher))
         if student is not None:
@@ -457,7 +458,7 @@ def synthesize_epoch(
                 if sh is not None:  # the global terms from every rank's shares: every rank keeps the same step
                     summed = distributed.all_reduce_(torch.cat([values, robust.reshape(1)]))
                     values, robust = summed[:-1], summed[-1]
-                    total = (values * values.new_tensor([weights[name] for name in _TERMS])).sum()
+                    total = (values * term_weights).sum()
                 step_values = torch.cat([total.double().reshape(1), values])
                 newly_bad = ~torch.isfinite(step_values).all() & (first_bad < 0)
                 first_bad = torch.where(newly_bad, step, first_bad)

@@ -147,7 +147,8 @@ def _train_data_parallel(
     distributed.convert_batchnorm(model, device)
     ddp = distributed.data_parallel(model, device)
     for epoch in range(start, cfg.epochs + 1):
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen (this rank's rows)
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct (this rank's rows)
+        seen_here = 0
         for x, y in train.batches(cfg.batch_size, shuffle=True, generator=g_batches):
             sh = distributed.shard(len(y), allow_empty=True)
             noise = sh.rows(torch.rand(x.shape, generator=g_attack, dtype=x.dtype))  # the global batch's PGD starts
@@ -165,10 +166,11 @@ def _train_data_parallel(
             sched.step()
             step += 1
             with torch.no_grad():
-                sums += torch.stack([ce.detach().double(), (logits.argmax(1) == y).sum().double(),
-                                     torch.tensor(float(sh.n), dtype=torch.float64, device=device)])
+                sums += torch.stack([ce.detach().double(), (logits.argmax(1) == y).sum().double()])
+            seen_here += sh.n
             progress("adversarial training", step, total, {"epoch": epoch})
-        loss_sum, correct, seen = distributed.all_reduce_(sums).tolist()
+        totals = torch.cat([sums, sums.new_tensor([float(seen_here)])])
+        loss_sum, correct, seen = distributed.all_reduce_(totals).tolist()
         if not math.isfinite(loss_sum):
             raise SourceError(f"teacher training diverged (loss {loss_sum / seen}) at epoch {epoch}; lower teacher.train.lr")
         log.append({"epoch": epoch, "adv_loss": loss_sum / seen, "adv_acc": correct / seen})

@@ -170,9 +170,18 @@ def launch_ranks(ctx: typer.Context, params: Any, stage: str, *, when: bool = Tr
     nproc = params.runtime.nproc
     if nproc <= 1 or not when or "RANK" in os.environ:
         return False
-    from ferd.distributed import launch
+    import torch
 
-    console.print(f"{stage}: {nproc} processes (runtime.nproc), torch.distributed")
+    from ferd.distributed import launch
+    from ferd.errors import ConfigError
+    from ferd.runtime import resolve_device
+
+    device = resolve_device(params.runtime.device)
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(f"runtime.nproc is {nproc} but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          "one per process; lower runtime.nproc")
+    backend = "NCCL" if device.type == "cuda" else "gloo"
+    console.print(f"{stage}: {nproc} processes (runtime.nproc), torch.distributed with {backend}")
     launch([sys.executable, "-m", "stages.cli", *_command_line(ctx)], nproc, params.runtime.threads)
     return True
 
@@ -234,6 +243,13 @@ def print_config(stage: str, params: Any, sections: tuple[str, ...], device: Any
             table.add_row(key, repr(value) if isinstance(value, str) else str(value))
     if device is not None:
         table.add_row("device (resolved)", str(device))
+    if "RANK" in os.environ:
+        from ferd.distributed import world_size
+
+        if world_size() > 1:
+            import torch.distributed as dist
+
+            table.add_row("ranks (torch.distributed)", f"{world_size()} ({dist.get_backend()}); rank 0 prints and writes")
     console.print(table)
 
 

@@ -152,7 +152,7 @@ def test_synth_fae_on_two_ranks_matches_one_process(one, tmp_path):
     two = _two_ranks(one, tmp_path / "two", POOL)
     result = _run(two, "synth-fae")
     assert result.returncode == 0, result.stderr
-    assert "synth-fae: 2 processes" in result.stderr
+    assert "synth-fae: 2 processes (runtime.nproc), torch.distributed with gloo" in result.stderr
     a, _ = load_h5(one / POOL, kind="pool")
     b, _ = load_h5(two / POOL, kind="pool")
     assert a.keys() == b.keys()
