@@ -7,8 +7,9 @@ torch, so the command line stays fast.
 
 Sections: ``seed``, ``data``, ``teacher``, ``probe``, ``reweight``, ``fae``, ``utae``, ``distill``,
 ``evaluate``; each stage module's ``SECTIONS`` lists what it reads and ``dvc.yaml`` declares exactly
-that (a test checks it). ``runtime`` (device, threads, precision, run state) changes speed, not
-results (bf16 changes floats, see docs/gpu.md), and is deliberately not a DVC dependency.
+that (a test checks it). ``runtime`` (device, threads, precision, run state, processes) changes speed,
+not results (bf16 changes floats, see docs/gpu.md; N processes round differently, see
+docs/distributed.md), and is deliberately not a DVC dependency.
 """
 
 from __future__ import annotations

@@ -60,7 +60,6 @@ __all__ = [
     "GlobalBatchNorm2d",
     "Shard",
     "active",
-    "agree",
     "all_gather_rows",
     "all_gather_stack",
     "all_reduce_",
@@ -325,16 +324,6 @@ def barrier() -> None:
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
-
-
-def agree(value: int, what: str, hint: str) -> None:
-    """Raise on every rank unless all ranks hold the same integer ``value`` (``what`` names it)."""
-    if not active():
-        return
-    values = all_gather_stack(torch.tensor(value, dtype=torch.int64)).tolist()
-    if len(set(values)) > 1:
-        odd = next(r for r, v in enumerate(values) if v != values[0])
-        raise FerdError(f"the ranks disagree on {what}: rank 0 has {values[0]}, rank {odd} has {values[odd]}; {hint}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -162,18 +162,26 @@ def setup_torch(params: Any, stage: str, seed: int | None = None) -> Any:
     return device
 
 
-def launch_ranks(ctx: typer.Context, params: Any, stage: str, *, when: bool = True) -> bool:
+def launch_ranks(
+    ctx: typer.Context, params: Any, stage: str, *, batches: Mapping[str, int], when: bool = True
+) -> bool:
     """Run this command as ``runtime.nproc`` ranks on this machine and return True (the caller then
     returns at once), when ``nproc`` > 1, ``when`` holds and no launcher started this process;
     otherwise False. The ranks rerun the same command line (``python -m stages.cli ...``) under torch's
-    elastic launcher (``ferd.distributed.launch``); a failed rank raises one ``FerdError`` line."""
+    elastic launcher (``ferd.distributed.launch``); a failed rank raises one ``FerdError`` line.
+    ``batches`` (param name -> batch size) are split over the ranks: each must give every rank a row."""
     nproc = params.runtime.nproc
     if nproc <= 1 or not when or "RANK" in os.environ:
         return False
+    from ferd.errors import ConfigError
+
+    for name, size in batches.items():
+        if size < nproc:
+            raise ConfigError(f"{name} is {size} but {nproc} processes share it (one row each at least); "
+                              f"raise {name} or lower runtime.nproc")
     import torch
 
     from ferd.distributed import launch
-    from ferd.errors import ConfigError
     from ferd.runtime import resolve_device
 
     device = resolve_device(params.runtime.device)
@@ -382,10 +390,19 @@ def resume_from(run_state: Any, stage: str, epoch_of: Callable[[Any], int] | Non
         return None
     state = run_state.load()
     if epoch_of is not None and "RANK" in os.environ:
-        from ferd.distributed import agree
+        import torch
 
-        agree(-1 if state is None else int(epoch_of(state)), f"the run state to resume from ({run_state.dir})",
-              "put runtime.state_dir on a filesystem every node shares, or delete it to start over")
+        from ferd.distributed import all_gather_stack, world_size
+
+        if world_size() > 1:
+            found = all_gather_stack(torch.tensor(-1 if state is None else int(epoch_of(state)))).tolist()
+            if len(set(found)) > 1:
+                def says(r: int) -> str:
+                    return f"rank {r} finds no run state" if found[r] < 0 else f"rank {r} resumes after epoch {found[r]}"
+
+                odd = next(r for r, v in enumerate(found) if v != found[0])
+                raise FerdError(f"{says(0)} in {run_state.dir} but {says(odd)}: put runtime.state_dir on a filesystem "
+                                "every node shares (or copy it to every node), or delete it to start over")
     if state is not None:
         console.print(f"{stage}: resuming from the run state in {run_state.dir} (delete it to start over)")
     return state

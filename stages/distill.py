@@ -51,7 +51,10 @@ def command(
     from ferd.errors import ArtifactError
 
     params = load_stage_params(ctx, SECTIONS)
-    if launch_ranks(ctx, params, "distill"):
+    batches = {"distill.batch_size": params.distill.batch_size}
+    if params.distill.schedule == "interleaved":  # distill synthesises too
+        batches["fae.batch_size"] = params.fae.batch_size
+    if launch_ranks(ctx, params, "distill", batches=batches):
         return
     device = setup_torch(params, "distill")
     print_config("distill", params, SECTIONS, device)

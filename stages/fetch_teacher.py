@@ -36,7 +36,8 @@ def command(
     from ferd.teacher import fetch_teacher
 
     params = load_stage_params(ctx, SECTIONS)
-    if launch_ranks(ctx, params, "fetch-teacher", when=params.teacher.source == "train"):  # only training is heavy
+    if launch_ranks(ctx, params, "fetch-teacher", batches={"teacher.train.batch_size": params.teacher.train.batch_size},
+                    when=params.teacher.source == "train"):  # only training is heavy
         return
     device = setup_torch(params, "fetch-teacher", seed=params.teacher.seed)
     print_config("fetch-teacher", params, SECTIONS, device)

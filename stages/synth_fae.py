@@ -52,7 +52,7 @@ def command(
     from ferd.synthesis import pool_arrays, synthesis_rows, synthesize_pool
 
     params = load_stage_params(ctx, SECTIONS)
-    if launch_ranks(ctx, params, "synth-fae"):
+    if launch_ranks(ctx, params, "synth-fae", batches={"fae.batch_size": params.fae.batch_size}):
         return
     device = setup_torch(params, "synth-fae")
     print_config("synth-fae", params, SECTIONS, device)

@@ -257,6 +257,16 @@ def test_the_stage_relaunches_itself_with_its_own_command_line(tmp_path, tiny_te
     assert not (tmp_path / "pool.h5").exists()  # the launching process itself computes nothing
 
 
+def test_a_batch_smaller_than_nproc_is_refused_before_launching(tmp_path, tiny_teacher, monkeypatch):
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("nothing may start"))
+    params = write_params(tmp_path / "params.yaml", tiny_params(runtime={"device": "cpu", "nproc": 4},
+                                                                 distill={"batch_size": 3}))
+    result = CliRunner().invoke(app, ["--params", str(params), "distill", "--teacher", str(tiny_teacher)])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("error: distill.batch_size is 3 but 4 processes share it (one row each at least); "
+                                     "raise distill.batch_size or lower runtime.nproc")
+
+
 def test_fetch_teacher_relaunches_only_when_it_trains(tmp_path, tiny_teacher, monkeypatch):
     monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("an imported teacher needs no ranks"))
     params = write_params(tmp_path / "params.yaml", tiny_params(
