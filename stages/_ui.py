@@ -135,14 +135,20 @@ def load_stage_params(ctx: typer.Context, sections: tuple[str, ...]) -> Any:
     return DeclaredParams(load_params(opts.params, overrides), sections)
 
 
+#: The stages that run as several ranks under torch.distributed (docs/distributed.md).
+RANKED_STAGES = ("fetch-teacher", "synth-fae", "distill")
+
+
 def setup_torch(params: Any, stage: str, seed: int | None = None) -> Any:
     """Threads, torch's global seed (the run ``seed`` unless the stage has its own), device; returns the torch.device.
 
     Refuses ``runtime.precision: bf16`` unless the device resolves to CUDA. Under a launcher (torchrun,
     or :func:`launch_ranks`) it joins the process group (gloo on the CPU, NCCL on CUDA, this rank on
     ``cuda:LOCAL_RANK``), splits ``runtime.threads`` between the ranks of this machine, silences every
-    rank but rank 0, and leaves the group when the command ends.
+    rank but rank 0, and leaves the group when the command ends. Only ``RANKED_STAGES`` run as
+    several ranks: any other stage under a launcher of more than one process is refused.
     """
+    from ferd.errors import ConfigError
     from ferd.runtime import check_precision, configure_torch, resolve_device
 
     threads = params.runtime.threads
@@ -155,7 +161,10 @@ def setup_torch(params: Any, stage: str, seed: int | None = None) -> Any:
     check_precision(params.runtime.precision, device)
     from ferd.distributed import init_process_group, is_main, shutdown, under_launcher
 
-    if under_launcher():
+    if under_launcher() and stage not in RANKED_STAGES and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ConfigError(f"ferd {stage.split('-')[0] if stage.startswith('evaluate') else stage} runs in one process; "
+                          f"run it without torchrun (only {', '.join(RANKED_STAGES)} run as several)")
+    if under_launcher() and stage in RANKED_STAGES:
         device = init_process_group(device)
         atexit.register(shutdown)
         console.quiet = not is_main()
