@@ -104,7 +104,7 @@ def launched_by_ferd() -> bool:
     return os.environ.get(ENV_LAUNCHED) == "1"
 
 
-def _group() -> Any:
+def _group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 

@@ -30,6 +30,8 @@ and reported (first bad step) once the epoch's steps are done; everything is rea
 epoch. Per-step progress carries the step count only. ``precision="bf16"`` runs the teacher and
 student forward passes under CUDA autocast (the generator, losses and kept images stay float32).
 
+The batch can be split over data-parallel ranks (``ferd.distributed``): see :func:`synthesize_epoch`.
+
 Project choices: augmentation (``ferd.augment``) is a random shift (reflect pad + crop) and an
 optional horizontal flip (off for Fashion-MNIST); the IB channel variance ``v = Var_{h,w}(Z)`` is
 the biased (population) variance, floored at 1e-8.
@@ -338,6 +340,14 @@ def synthesize_epoch(
     Raises ``FerdError`` when a loss term is not finite (naming the first bad step, once the steps
     are done). ``progress(task, step, steps, {})`` per step; the last call carries the kept step's
     ``loss`` and ``teacher_acc``.
+
+    Under ``torch.distributed`` with more than one rank (``ferd.distributed``, docs/distributed.md)
+    every rank calls this with the same arguments: the global batch's random numbers are drawn on
+    every rank and each rank generates its rows (rank 0's labels); L_bn (:class:`GlobalBNStatsLoss`),
+    IKL (:func:`global_ikl_share`), the generator's BatchNorm and the ``global`` IB maximum use the
+    global batch; each rank's loss is its share of the global loss, the generator's gradients are
+    summed; the terms are all-reduced each step so every rank keeps the same step; the kept batch is
+    gathered, so every rank returns the same result (up to float reduction order, as one process).
     """
     channels, height, width = image_shape
     if height != width:
