@@ -66,10 +66,12 @@ def craft_adversary(
     generator: torch.Generator | None,
     start: Tensor | None = None,
     steps: int | None = None,
+    start_noise: Tensor | None = None,
 ) -> Tensor:
     """The training-time adversarial batch for ``cfg.adversary`` (``cfg``: DistillConfig, ``utae``: UtaeConfig).
 
-    ``start`` and ``steps`` (the cached-UTAE path) apply to ``utae`` only.
+    ``start`` and ``steps`` (the cached-UTAE path) apply to ``utae`` only; ``start_noise`` (``pgd``
+    only) replaces PGD's uniform random-start draw (see ``ferd.attacks.pgd``).
     """
     alpha = utae.step_size * eps
     if cfg.adversary == "utae":
@@ -79,7 +81,8 @@ def craft_adversary(
         raise ValueError(f"craft_adversary: a cached start only applies to distill.adversary 'utae', not {cfg.adversary!r}")
     if cfg.adversary == "pgd":
         labels = teacher_logits.argmax(dim=1)
-        return pgd(student, x_f, labels, eps=eps, alpha=alpha, steps=utae.steps, generator=generator)
+        return pgd(student, x_f, labels, eps=eps, alpha=alpha, steps=utae.steps, generator=generator,
+                   start_noise=start_noise)
     if cfg.adversary == "hee":
         return craft_hee(student, x_f, steps=cfg.hee_steps, step_size=cfg.hee_step_size)
     raise ValueError(f"unknown distill.adversary {cfg.adversary!r}")

@@ -174,6 +174,7 @@ def pgd(
     targeted: bool = False,
     target: Tensor | None = None,
     generator: torch.Generator | None = None,
+    start_noise: Tensor | None = None,
 ) -> Tensor:
     """L-inf PGD (Madry et al. 2018) with a uniform random start in the eps-ball.
 
@@ -181,7 +182,9 @@ def pgd(
     (``loss="margin"``). Targeted (``targeted=True`` with ``target``): descend
     ``CE(model(x'), target)`` or ascend ``margin(model(x'), target)``. ``generator`` seeds the random
     start, drawn on the generator's device (a CPU generator: on the CPU, then moved to ``x``'s device;
-    the hot loops pass one on ``x``'s device). Returns a detached tensor on ``x``'s device.
+    the hot loops pass one on ``x``'s device). ``start_noise`` (uniform in [0, 1), ``x``'s shape)
+    replaces that draw (a batch split over ranks: its rows of the global batch's draw). Returns a
+    detached tensor on ``x``'s device.
     """
     _check_inputs(x, y, eps, "pgd")
     _check_steps(alpha, steps, "pgd")
@@ -207,9 +210,10 @@ def pgd(
 
     with frozen_eval(model):
         if random_start:
-            noise_device = "cpu" if generator is None else generator.device
-            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=noise_device)
-            x_adv = project(x + (2.0 * noise.to(x.device) - 1.0) * eps, x, eps)
+            if start_noise is None:
+                noise_device = "cpu" if generator is None else generator.device
+                start_noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=noise_device)
+            x_adv = project(x + (2.0 * start_noise.to(x.device) - 1.0) * eps, x, eps)
         else:
             x_adv = x.clone()
         for _ in range(steps):

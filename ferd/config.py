@@ -7,8 +7,9 @@ torch, so the command line stays fast.
 
 Sections: ``seed``, ``data``, ``teacher``, ``probe``, ``reweight``, ``fae``, ``utae``, ``distill``,
 ``evaluate``; each stage module's ``SECTIONS`` lists what it reads and ``dvc.yaml`` declares exactly
-that (a test checks it). ``runtime`` (device, threads, precision, run state) changes speed, not
-results (bf16 changes floats, see docs/gpu.md), and is deliberately not a DVC dependency.
+that (a test checks it). ``runtime`` (device, threads, precision, run state, processes) changes speed,
+not results (bf16 changes floats, see docs/gpu.md; N processes round differently, see
+docs/distributed.md), and is deliberately not a DVC dependency.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class RuntimeConfig:
     state_dir: str = "runs"  # run state of fetch-teacher / synth-fae / distill, for resume (README "When things go wrong")
     checkpoint_every: int = rng(1, ge=0)  # save the run state every N epochs; 0 = never (no resume)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: CUDA autocast of the hot loops' forward passes
+    # data-parallel processes of fetch-teacher (training), synth-fae and distill on this machine; > 1: the
+    # stage starts them itself (torch's elastic launcher, gloo on CPU, NCCL on CUDA); under torchrun the
+    # launcher decides and this is ignored (docs/distributed.md)
+    nproc: int = rng(1, ge=1)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):

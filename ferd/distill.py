@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ferd import distributed
 from ferd.adversaries import craft_adversary, needs_teacher_on_adversary
 from ferd.attacks import frozen_eval, run_attack
 from ferd.augment import apply_augment, augment_params
@@ -87,19 +88,35 @@ POOL_DEVICE_FRACTION = 0.25
 
 
 def student_loss(
-    teacher_logits_clean: Tensor, s_clean: Tensor, s_adv: Tensor, cfg: DistillConfig, teacher_logits_adv: Tensor | None = None
+    teacher_logits_clean: Tensor, s_clean: Tensor, s_adv: Tensor, cfg: DistillConfig, teacher_logits_adv: Tensor | None = None,
+    *, shard: distributed.Shard | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``λ1·L(T(x_F), S(x_F)) + λ2·L(T(x_F), S(x_U))`` (§2.6); parts ``loss``, ``loss_clean``, ``loss_adv`` (detached).
 
     ``teacher_logits_adv`` replaces T(x_F) as the adversarial term's target (DFHL's HEEs are labelled
-    by the teacher's answer on the HEE itself, §8).
+    by the teacher's answer on the HEE itself, §8). ``shard`` (the batch split over ranks): the logits
+    are this rank's rows and everything returned is this rank's *share* of the global-batch value
+    (the shares of all ranks add up to it; IKL's batch-wide weight normalisation is all-reduced).
     """
     t = teacher_logits_clean.detach()
     t_adv = t if teacher_logits_adv is None else teacher_logits_adv.detach()
-    clean = soft_label_loss(cfg.loss, t, s_clean, cfg.ikl_temperature)
-    adv = soft_label_loss(cfg.loss, t_adv, s_adv, cfg.ikl_temperature)
+    if shard is None:
+        clean = soft_label_loss(cfg.loss, t, s_clean, cfg.ikl_temperature)
+        adv = soft_label_loss(cfg.loss, t_adv, s_adv, cfg.ikl_temperature)
+    else:
+        clean = _loss_share(cfg, t, s_clean, shard)
+        adv = _loss_share(cfg, t_adv, s_adv, shard)
     loss = cfg.lambda_clean * clean + cfg.lambda_adv * adv
     return loss, {"loss": loss.detach(), "loss_clean": clean.detach(), "loss_adv": adv.detach()}
+
+
+def _loss_share(cfg: DistillConfig, t: Tensor, s: Tensor, sh: distributed.Shard) -> Tensor:
+    """This rank's share of ``soft_label_loss`` over the global batch (KL and CE are batch means)."""
+    if cfg.loss == "ikl":
+        from ferd.fae import global_ikl_share
+
+        return global_ikl_share(t, s, sh, cfg.ikl_temperature)
+    return soft_label_loss(cfg.loss, t, s, cfg.ikl_temperature) * (sh.n / sh.total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +359,13 @@ def train_student(
     and its first bad step, once that epoch's steps are done. The teacher is used frozen in eval
     mode; the student is left in eval mode. ``precision="bf16"``: CUDA autocast of the forward
     passes. Returns the final state.
+
+    Under ``torch.distributed`` (``ferd.distributed``, more than one rank) the student trains with DDP
+    and global BatchNorm: every rank draws the global batch (indices, augmentation, mixing, UTAE start
+    noise) as one process would and takes its rows (:func:`ferd.distributed.shard` of
+    ``cfg.batch_size``) for the teacher, the adversary and the student step; the per-epoch sums are
+    reduced over the ranks once per epoch. The pool, holdout curve and snapshots are the same on
+    every rank.
     """
     device = torch.device(device)
     if not 0 <= warmup < total_epochs:
@@ -360,9 +384,12 @@ def train_student(
             raise FerdError(f"distill: cached UTAE perturbations have shape {tuple(cached_delta.shape)} but the pool "
                             f"holds {tuple(pool.x.shape)}; rerun gen-utae on this pool")
     student_epochs = total_epochs - warmup
+    sh = distributed.shard(cfg.batch_size, "distill.batch_size") if distributed.active() else None
+    world = distributed.world_size()
 
     student.to(device)
     teacher.to(device)
+    distributed.convert_batchnorm(student, device)  # global over the ranks (nothing in one process)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_epochs)
     gens = {name: torch_generator(seed, f"distill/{name}") for name in ("sample", "augment", "utae")}
@@ -384,6 +411,7 @@ def train_student(
             pool = state.pool
         log = [dict(row) for row in state.log]
         start_k = state.epoch + 1
+    net = distributed.data_parallel(student, device)  # the student's training passes (the student itself in one process)
 
     # where the pool lives: on the device when it fits (at its final size), else pinned staging
     rows_per_epoch = len(pool) / max(1, int(pool.epoch.max()))
@@ -439,24 +467,39 @@ def train_student(
                 x_f = apply_augment(x_raw, cfg.augment_pad, aug).to(device)
                 if cfg.mix != "none":
                     x_f = mix_batch(x_f, cfg, dev_gens["augment"])
+                if sh is not None:  # the global batch was drawn and augmented alike on every rank: this rank's rows
+                    x_f = sh.rows(x_f)
                 with torch.no_grad(), amp():
                     t = teacher(x_f).float()
                 with amp():
                     if cached:
                         start = apply_augment((x_raw + delta.to(x_raw.dtype)).clamp(0.0, 1.0), cfg.augment_pad, aug)
+                        start = start if sh is None else sh.rows(start)
                         x_u = craft_adversary(student, x_f, t, cfg, utae, eps=eps, generator=dev_gens["utae"],
                                               start=start.to(device), steps=cfg.cached_steps)
+                    elif sh is not None and cfg.adversary in ("utae", "pgd"):  # the global batch's start noise, these rows
+                        g = dev_gens["utae"]
+                        draw = torch.randn if cfg.adversary == "utae" else torch.rand
+                        noise = sh.rows(draw((sh.total, *x_f.shape[1:]), generator=g, dtype=x_f.dtype,
+                                             device=g.device)).to(x_f.device)
+                        if cfg.adversary == "utae":
+                            x_u = craft_adversary(student, x_f, t, cfg, utae, eps=eps, generator=g,
+                                                  start=x_f + utae.init_noise * noise)
+                        else:
+                            x_u = craft_adversary(student, x_f, t, cfg, utae, eps=eps, generator=g, start_noise=noise)
                     else:
                         x_u = craft_adversary(student, x_f, t, cfg, utae, eps=eps, generator=dev_gens["utae"])
                 t_adv = None
                 if needs_teacher_on_adversary(cfg.adversary):
                     with torch.no_grad(), amp():
                         t_adv = teacher(x_u).float()
-                student.train()
+                net.train()
                 with amp():
-                    s_clean = student(x_f).float()
-                    s_adv = student(x_u).float()
-                loss, parts = student_loss(t, s_clean, s_adv, cfg, t_adv)
+                    s_clean = net(x_f).float()
+                    s_adv = net(x_u).float()
+                loss, parts = student_loss(t, s_clean, s_adv, cfg, t_adv, shard=sh)
+                if sh is not None:  # DDP averages the ranks' gradients: N x the share gives the global loss's
+                    loss = loss * world
                 with torch.no_grad():
                     step_parts = torch.stack([parts["loss_clean"], parts["loss_adv"], parts["loss"]]).double()
                     newly_bad = ~torch.isfinite(loss) & (first_bad < 0)
@@ -475,7 +518,10 @@ def train_student(
                 if step < cfg.steps:
                     progress("distill", (k - 1) * cfg.steps + step, total_steps, {})
             # the one read-back of the epoch
-            summary = torch.cat([first_bad.double().reshape(1), bad_parts, sums]).tolist()
+            summary = torch.cat([first_bad.double().reshape(1), bad_parts, sums])
+            if sh is not None:
+                summary, seen = _global_summary(summary), cfg.steps * sh.total
+            summary = summary.tolist()
             if summary[0] >= 0:
                 values = dict(zip(("loss_clean", "loss_adv", "loss"), summary[1:4], strict=True))
                 bad = next((n for n in ("loss_clean", "loss_adv") if not math.isfinite(values[n])), "loss")
@@ -517,9 +563,25 @@ def train_student(
             )
             if on_epoch_end is not None:
                 on_epoch_end(last)
+    distributed.revert_batchnorm(student)
     student.eval()
     assert last is not None  # at least one student epoch ran, or ``state`` had finished them all
     return last
+
+
+def _global_summary(summary: Tensor) -> Tensor:
+    """An epoch's ``[first bad step, its 3 loss parts, 5 sums]`` over all ranks: the earliest bad step
+    of any rank (with that rank's parts), the sums of the loss shares and of the counts."""
+    rows = distributed.all_gather_stack(summary)
+    bad = rows[:, 0]
+    out = rows.sum(dim=0)
+    hit = torch.nonzero(bad >= 0, as_tuple=False).flatten()
+    if hit.numel():
+        first = hit[torch.argmin(bad[hit])]
+        out[:4] = rows[first, :4]
+    else:
+        out[:4] = rows[0, :4]
+    return out
 
 
 def run_distill(

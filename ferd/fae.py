@@ -30,6 +30,8 @@ and reported (first bad step) once the epoch's steps are done; everything is rea
 epoch. Per-step progress carries the step count only. ``precision="bf16"`` runs the teacher and
 student forward passes under CUDA autocast (the generator, losses and kept images stay float32).
 
+The batch can be split over data-parallel ranks (``ferd.distributed``): see :func:`synthesize_epoch`.
+
 Project choices: augmentation (``ferd.augment``) is a random shift (reflect pad + crop) and an
 optional horizontal flip (off for Fashion-MNIST); the IB channel variance ``v = Var_{h,w}(Z)`` is
 the biased (population) variance, floored at 1e-8.
@@ -46,9 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ferd import distributed
 from ferd.attacks import frozen_eval
-from ferd.augment import augment
+from ferd.augment import apply_augment, augment, augment_params
 from ferd.config import FaeConfig
+from ferd.distributed import Shard
 from ferd.errors import FerdError
 from ferd.losses import ikl, uniform_kl
 from ferd.models import build_generator, reset_generator
@@ -124,6 +128,48 @@ class BNStatsLoss:
         self.remove()
 
 
+class GlobalBNStatsLoss(BNStatsLoss):
+    """L_bn over the global batch when the batch is split over ranks (``ferd.distributed``).
+
+    Each hooked layer records its rows' per-channel sums of ``a − running_mean`` and of its square
+    (shifted against cancellation) and their count; :meth:`collect` all-reduces every layer's sums at
+    once (differentiably) and returns L_bn of the global batch, the same value on every rank. Give
+    each rank ``L_bn / N`` as its loss share: the gradients reaching its rows are then those of L_bn.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self._layers: list[nn.Module] = []
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if not self.enabled:
+            return
+        a = inputs[0].float() - module.running_mean[None, :, None, None]
+        count = a.new_full((1,), a.numel() // a.shape[1])
+        self._terms.append(torch.cat([a.sum(dim=(0, 2, 3)), a.pow(2).sum(dim=(0, 2, 3)), count]))
+        self._layers.append(module)
+
+    def collect(self) -> Tensor | None:
+        terms, layers, self._terms, self._layers = self._terms, self._layers, [], []
+        if not terms:
+            return None
+        sums = distributed.all_reduce_sum_grad(torch.cat(terms))
+        total, offset = None, 0
+        for module, local in zip(layers, terms, strict=True):
+            c = (local.numel() - 1) // 2
+            n = sums[offset + 2 * c]
+            mean_s = sums[offset:offset + c] / n  # batch mean - running mean
+            var = (sums[offset + c:offset + 2 * c] / n - mean_s * mean_s).clamp_min(0.0)
+            term = torch.linalg.vector_norm(mean_s) + torch.linalg.vector_norm(var - module.running_var)
+            total = term if total is None else total + term
+            offset += local.numel()
+        return total
+
+    def remove(self) -> None:
+        super().remove()
+        self._layers = []
+
+
 # --------------------------------------------------------------------------------------------
 # the FAE term: IB channel noise (Kim et al. 2021), robust mask, uniformity loss
 
@@ -143,6 +189,7 @@ def ib_fit(
     beta: float,
     generator: torch.Generator,
     matched_init: bool = False,
+    shard: Shard | None = None,
 ) -> Tensor:
     """Fit the per-sample, per-channel noise scale σ = softplus(λ_r) on Z = f_l(x) (§2.3).
 
@@ -152,6 +199,10 @@ def ib_fit(
     a CPU generator with CUDA features costs a host draw and a copy per step), v = Var_{h,w}(Z). ``z``
     is detached and used as float32; the teacher is frozen in eval mode here. Returns σ, detached,
     ``[B, Ch, 1, 1]``.
+
+    ``shard`` (the batch split over ranks, ``ferd.distributed``): ``z`` holds this rank's rows; ε is
+    drawn for the global batch and sliced, and the loss is this rank's share of the global-batch mean,
+    so every rank fits exactly the σ one process fits for these rows (σ is per sample).
     """
     if z.ndim != 4:
         raise ValueError(f"ib_fit: expected features [B, Ch, h, w], got {tuple(z.shape)}")
@@ -166,24 +217,35 @@ def ib_fit(
     opt = torch.optim.Adam([lam], lr=lr)
     with frozen_eval(teacher), torch.enable_grad():
         for _ in range(steps):
-            eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
+            if shard is None:
+                eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
+            else:
+                eps = shard.rows(torch.randn((shard.total, *z.shape[1:]), generator=generator, dtype=z.dtype,
+                                             device=generator.device)).to(z.device)
             sigma = F.softplus(lam)
             logits = teacher.forward_head(z + sigma * eps)
             var_n = sigma.pow(2)
             kl = 0.5 * (v / var_n + torch.log(var_n / v) - 1.0)
-            loss = F.cross_entropy(logits, y) + beta * kl.mean()
+            if shard is None:
+                loss = F.cross_entropy(logits, y) + beta * kl.mean()
+            else:
+                loss = (F.cross_entropy(logits, y, reduction="sum") / shard.total
+                        + beta * kl.sum() / (shard.total * z.shape[1]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     return F.softplus(lam).detach()
 
 
-def robust_mask(sigma: Tensor, z: Tensor, threshold: Literal["global", "per-sample", "ratio"] = "global") -> Tensor:
+def robust_mask(
+    sigma: Tensor, z: Tensor, threshold: Literal["global", "per-sample", "ratio"] = "global", *, batch_max: Tensor | None = None
+) -> Tensor:
     """M = 1[σ² > max v], ``[B, Ch, 1, 1]`` float; the max over the whole batch and all channels
-    (``global``, the reference code) or over each sample's channels (``per-sample``)."""
+    (``global``, the reference code) or over each sample's channels (``per-sample``). ``batch_max``:
+    the ``global`` limit when ``z`` holds only this rank's rows (the max over all ranks)."""
     v = channel_variance(z)
     if threshold == "global":
-        limit = v.max()
+        limit = v.max() if batch_max is None else batch_max
     elif threshold == "per-sample":
         limit = v.amax(dim=1)[:, None, None, None]
     elif threshold == "ratio":
@@ -212,6 +274,22 @@ def image_priors(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 def uniformity_loss(teacher: nn.Module, z: Tensor, mask: Tensor) -> Tensor:
     """L_uni = KL(U ‖ softmax(f_{l+}(Z ⊙ (1 − M)))), batch mean; gradients flow through Z only."""
     return uniform_kl(teacher.forward_head(z * (1.0 - mask.detach())))
+
+
+def global_ikl_share(teacher_logits: Tensor, student_logits: Tensor, sh: Shard, temperature: float = 100.0) -> Tensor:
+    """This rank's share of ``ferd.losses.ikl`` over the global batch split by ``sh``.
+
+    IKL's weighted term ¼·Σ w (Δt − Δs)² / Σ w normalises by the weights of the whole batch, so both
+    sums are all-reduced (differentiably: the weights carry gradient); the shares (that term / N plus
+    this rank's CE sum / B) add up to ``ikl`` of the global batch. Same formula as ``ferd.losses.ikl``.
+    """
+    q = F.softmax(teacher_logits / temperature, dim=1)
+    w = q.unsqueeze(2) * q.unsqueeze(1)
+    dt = teacher_logits.unsqueeze(2) - teacher_logits.unsqueeze(1)
+    ds = student_logits.unsqueeze(2) - student_logits.unsqueeze(1)
+    sums = distributed.all_reduce_sum_grad(torch.stack([(w * (dt - ds) ** 2).sum(), w.sum()]))
+    ce = -(F.softmax(teacher_logits, dim=1).detach() * F.log_softmax(student_logits, dim=1)).sum(dim=1).sum()
+    return 0.25 * sums[0] / sums[1] / distributed.world_size() + ce / sh.total
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +340,14 @@ def synthesize_epoch(
     Raises ``FerdError`` when a loss term is not finite (naming the first bad step, once the steps
     are done). ``progress(task, step, steps, {})`` per step; the last call carries the kept step's
     ``loss`` and ``teacher_acc``.
+
+    Under ``torch.distributed`` with more than one rank (``ferd.distributed``, docs/distributed.md)
+    every rank calls this with the same arguments: the global batch's random numbers are drawn on
+    every rank and each rank generates its rows (rank 0's labels); L_bn (:class:`GlobalBNStatsLoss`),
+    IKL (:func:`global_ikl_share`), the generator's BatchNorm and the ``global`` IB maximum use the
+    global batch; each rank's loss is its share of the global loss, the generator's gradients are
+    summed; the terms are all-reduced each step so every rank keeps the same step; the kept batch is
+    gathered, so every rank returns the same result (up to float reduction order, as one process).
     """
     channels, height, width = image_shape
     if height != width:
@@ -277,7 +363,6 @@ def synthesize_epoch(
         gen.load_state_dict(gen_state)
     gen = gen.to(device).train()
     z = torch.randn(cfg.batch_size if labels is None else labels.numel(), cfg.nz, generator=generator)
-    z = z.to(device).requires_grad_(True)
     if labels is None:
         probs = torch.as_tensor(p, dtype=torch.float64).cpu()
         y = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=generator).sort().values
@@ -285,7 +370,16 @@ def synthesize_epoch(
         y = torch.as_tensor(labels).to(dtype=torch.long).cpu()
         if y.ndim != 1 or y.numel() == 0:
             raise ValueError(f"synthesize_epoch: labels must be a non-empty 1-D tensor, got shape {tuple(y.shape)}")
-    y_dev = y.to(device)
+    # split over ranks (ferd.distributed): every rank drew the global z and labels; rank 0's labels
+    # are used, each rank generates its rows; the generator's BatchNorm is global
+    sh = distributed.shard(y.numel(), "fae.batch_size") if distributed.active() else None
+    sh_world = distributed.world_size()
+    if sh is not None:
+        y = distributed.broadcast_from_main(y)
+        z = sh.rows(z)
+        distributed.convert_batchnorm(gen, device)
+    z = z.to(device).requires_grad_(True)
+    y_dev = (y if sh is None else sh.rows(y)).to(device)
     step_generator = device_generator(generator, device)  # the CPU generator itself on the CPU
     opt = torch.optim.Adam(
         [{"params": gen.parameters(), "lr": cfg.lr_g}, {"params": [z], "lr": cfg.lr_z}], betas=(0.5, 0.999)
@@ -296,30 +390,39 @@ def synthesize_epoch(
                "tv": cfg.lambda_tv, "l2": cfg.lambda_l2}
     use_priors = cfg.lambda_tv > 0 or cfg.lambda_l2 > 0
     per_image = cfg.select == "image"
-    best_score = torch.full((y.numel(),), math.inf, device=device)
+    best_score = torch.full((y_dev.numel(),), math.inf, device=device)
     task = f"synthesis epoch {epoch}"
 
     def amp() -> contextlib.AbstractContextManager:
         return autocast(device, precision)
 
+    def share(per_sample: Tensor) -> Tensor:
+        """The batch mean of a per-sample term; split over ranks, this rank's share of the global mean."""
+        return per_sample.mean() if sh is None else per_sample.sum() / sh.total
+
     # device-side selection state (best_mem) and non-finite flag: read once after the steps
     f64 = dict(dtype=torch.float64, device=device)
     best_loss = torch.full((), math.inf, device=device)
-    best_x = torch.zeros(y.numel(), channels, height, width, device=device)
+    best_x = torch.zeros(y_dev.numel(), channels, height, width, device=device)
     best_step = torch.zeros((), dtype=torch.long, device=device)
     best_terms = torch.zeros(len(_TERMS), **f64)  # bn, adv, oh, uni of the kept step
     best_robust = torch.zeros((), **f64)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     bad_values = torch.zeros(1 + len(_TERMS), **f64)  # total, bn, adv, oh, uni of the first bad step
+    term_weights = torch.tensor([weights[name] for name in _TERMS], **f64) if sh is not None else None
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_eval(teacher))
         if student is not None:
             stack.enter_context(frozen_eval(student))
-        bn_loss = stack.enter_context(BNStatsLoss(teacher))
+        bn_loss = stack.enter_context(BNStatsLoss(teacher) if sh is None else GlobalBNStatsLoss(teacher))
         stack.enter_context(torch.enable_grad())
         for step in range(cfg.steps):
             x = gen(z)
-            xa = augment(x, cfg.augment_pad, cfg.augment_flip, step_generator)
+            if sh is None:
+                xa = augment(x, cfg.augment_pad, cfg.augment_flip, step_generator)
+            else:  # the global batch's draws, this rank's rows
+                aug = augment_params(sh.total, cfg.augment_pad, cfg.augment_flip, step_generator)
+                xa = apply_augment(x, cfg.augment_pad, tuple(sh.rows(a) for a in aug))
             bn_loss.enabled = True
             bn_loss.collect()  # drop anything recorded outside this step
             with amp():
@@ -328,35 +431,44 @@ def synthesize_epoch(
             bn_loss.enabled = False
             l_bn = bn_loss.collect()
             zero = t.new_zeros(())
-            terms = {"bn": zero if l_bn is None else l_bn, "adv": zero, "oh": F.cross_entropy(t, y_dev), "uni": zero,
-                     "tv": zero, "l2": zero}
+            if sh is not None and l_bn is not None:
+                l_bn = l_bn / sh_world  # the global L_bn, this rank's share
+            l_oh = F.cross_entropy(t, y_dev) if sh is None else share(F.cross_entropy(t, y_dev, reduction="none"))
+            terms = {"bn": zero if l_bn is None else l_bn, "adv": zero, "oh": l_oh, "uni": zero, "tv": zero, "l2": zero}
             # per-image score for fae.select: image (the per-sample terms; L_bn and L_adv are batch terms)
             score = cfg.lambda_oh * F.cross_entropy(t.detach(), y_dev, reduction="none") if per_image else None
             if use_adv:
                 with amp():
                     s = student(xa).float()
-                terms["adv"] = -ikl(t, s)
+                terms["adv"] = -ikl(t, s) if sh is None else -global_ikl_share(t, s, sh)
             robust = torch.zeros((), **f64)
             if use_uni:
                 with amp():
                     sigma = ib_fit(teacher, feats, y_dev, steps=cfg.ib_steps, lr=cfg.ib_lr, beta=cfg.ib_beta,
-                                   generator=step_generator, matched_init=cfg.ib_threshold == "ratio")
-                mask = robust_mask(sigma, feats, cfg.ib_threshold)
-                robust = mask.float().mean().double()
+                                   generator=step_generator, matched_init=cfg.ib_threshold == "ratio", shard=sh)
+                batch_max = None
+                if sh is not None and cfg.ib_threshold == "global":  # the max over every rank's rows
+                    batch_max = distributed.all_reduce_(channel_variance(feats).max().clone(), "max")
+                mask = robust_mask(sigma, feats, cfg.ib_threshold, batch_max=batch_max)
+                robust = mask.float().mean().double() if sh is None else mask.float().sum().double() / (sh.total * mask.shape[1])
                 with amp():
                     uni_i = uniform_kl_per_sample(teacher.forward_head(feats * (1.0 - mask.detach())).float())
-                terms["uni"] = uni_i.mean()
+                terms["uni"] = share(uni_i)
                 if per_image:
                     score = score + cfg.lambda_uni * uni_i.detach()
             if use_priors:
                 tv_i, l2_i = image_priors(teacher, x)
-                terms["tv"], terms["l2"] = tv_i.mean(), l2_i.mean()
+                terms["tv"], terms["l2"] = share(tv_i), share(l2_i)
                 if per_image:
                     score = score + cfg.lambda_tv * tv_i.detach() + cfg.lambda_l2 * l2_i.detach()
             loss = sum(weights[name] * terms[name] for name in _TERMS)
             with torch.no_grad():
                 total = loss.detach()
                 values = torch.stack([terms[name].detach().double() for name in _TERMS])
+                if sh is not None:  # the global terms from every rank's shares: every rank keeps the same step
+                    summed = distributed.all_reduce_(torch.cat([values, robust.reshape(1)]))
+                    values, robust = summed[:-1], summed[-1]
+                    total = (values * term_weights).sum()
                 step_values = torch.cat([total.double().reshape(1), values])
                 newly_bad = ~torch.isfinite(step_values).all() & (first_bad < 0)
                 first_bad = torch.where(newly_bad, step, first_bad)
@@ -374,6 +486,8 @@ def synthesize_epoch(
                 best_robust = torch.where(better, robust, best_robust)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if sh is not None:  # generator gradients: the sum of the shares' gradients (z's rows are this rank's)
+                distributed.all_reduce_grads_(gen.parameters())
             opt.step()
             if step + 1 < cfg.steps:
                 progress(task, step + 1, cfg.steps, {})
@@ -396,6 +510,8 @@ def synthesize_epoch(
         best_log = {"step": kept[0], "total": kept[1], **dict(zip(_TERMS, kept[2:2 + len(_TERMS)], strict=True)),
                     "robust_channels": kept[-1]}
         with torch.no_grad():
+            if sh is not None:  # the kept batch, gathered from every rank's rows
+                best_x = distributed.all_gather_rows(best_x, sh)
             pred = teacher(best_x).argmax(dim=1).cpu()
     best_log["teacher_acc"] = float((pred == y).float().mean())
     progress(task, cfg.steps, cfg.steps, {"loss": best_log["total"], "teacher_acc": best_log["teacher_acc"]})

@@ -146,6 +146,7 @@ class Synthesizer:
 
         Each epoch's randomness is derived from (seed, epoch), so a resumed run repeats it exactly.
         """
+        from ferd.distributed import broadcast_from_main
         from ferd.fae import synthesize_epoch
         from ferd.probe import probe_teacher, rank_correlation
         from ferd.reweight import class_proportions, fill_absent, smooth_fragility
@@ -169,6 +170,7 @@ class Synthesizer:
         measured, present, diagnostic = self.signal(epoch, result, y, student)
         st.D = smooth_fragility(st.D, fill_absent(measured, present, st.D), self.reweight.momentum)
         st.p = class_proportions(st.D, self.reweight)
+        st.D, st.p = broadcast_from_main(st.D), broadcast_from_main(st.p)  # split over ranks: rank 0 decides
         st.p_history.append([float(v) for v in p_used])
         st.D_history.append([float(v) for v in st.D])
         row = {"epoch": float(epoch), **{k: float(v) for k, v in kept.log.items() if k != "step"}}
@@ -254,7 +256,12 @@ def synthesize_pool(
     ``ferd.runstate.Part``, one per epoch; the loop state, the shadow student, its sampling
     generator); ``resume=state`` continues from it bit for bit (each epoch's own randomness is
     derived from (seed, epoch)); a loaded state holds each part as a dict of tensors.
+
+    Under ``torch.distributed`` every rank runs this loop: each epoch's batch is split over the ranks
+    (``ferd.fae.synthesize_epoch``), the kept batch, pool, probe and shadow student are the same on
+    every rank (p and the shadow's weights come from rank 0); pass ``save_state`` on rank 0 only.
     """
+    from ferd.distributed import broadcast_module_
     from ferd.models import build_model
     from ferd.runstate import join_parts, row_parts
 
@@ -283,6 +290,7 @@ def synthesize_pool(
         train_shadow(shadow, teacher, pool.x, steps=fae.shadow_steps, batch_size=fae.batch_size,
                      adv_steps=fae.shadow_adv_steps, eps=eps,
                      lr=fae.shadow_lr, generator=g_shadow, device=device)
+        broadcast_module_(shadow)  # split over ranks: every rank's L_adv sees rank 0's shadow (nothing in one process)
         progress("synthesis epochs", epoch, epochs, {"teacher_acc": _row.get("teacher_acc", float("nan"))})
         if save_state is not None:
             columns = {"x": pool.x, "y": pool.y, "epoch_of_image": pool.epoch}

@@ -66,10 +66,16 @@ def train_adversarially(
     SGD with momentum and a per-step cosine learning-rate schedule. Returns one log row per epoch
     (mean adversarial training loss and accuracy). ``save_state(state)`` receives a plain dict after
     every epoch (model, optimiser, schedule, generators, log); ``resume=state`` continues from it.
+
+    Under ``torch.distributed`` (``ferd.distributed``, more than one rank) the model is trained with
+    DDP and global BatchNorm: every rank draws the same batches and PGD random starts as one process
+    and takes its rows, crafts their PGD examples and scales its loss so that the averaged gradient
+    is the global batch's mean; the losses and accuracies are summed over the ranks once per epoch.
     """
     import torch
     import torch.nn.functional as F
 
+    from ferd import distributed
     from ferd.attacks import pgd
 
     if cfg.subset:
@@ -93,6 +99,9 @@ def train_adversarially(
         g_batches.set_state(resume["g_batches"])
         g_attack.set_state(resume["g_attack"])
         log, step, start = list(resume["log"]), int(resume["step"]), int(resume["epoch"]) + 1
+    if distributed.active():
+        return _train_data_parallel(model, train, cfg, opt, sched, g_batches, g_attack, log=log, step=step, start=start,
+                                    total=total, eps=eps, device=device, save_state=save_state, progress=progress)
     for epoch in range(start, cfg.epochs + 1):
         loss_sum = correct = seen = 0.0
         for x, y in train.batches(cfg.batch_size, shuffle=True, generator=g_batches):
@@ -118,6 +127,59 @@ def train_adversarially(
             save_state({"epoch": epoch, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "g_batches": g_batches.get_state(),
                         "g_attack": g_attack.get_state(), "log": log})
+    model.eval()
+    return log
+
+
+def _train_data_parallel(
+    model: Any, train: Any, cfg: TeacherTrainConfig, opt: Any, sched: Any, g_batches: Any, g_attack: Any, *,
+    log: list[dict[str, float]], step: int, start: int, total: int, eps: float, device: Any,
+    save_state: Callable[[dict[str, Any]], None] | None, progress: Progress,
+) -> list[dict[str, float]]:
+    """:func:`train_adversarially`'s loop over ranks (see there): same batches, schedule and state."""
+    import torch
+    import torch.nn.functional as F
+
+    from ferd import distributed
+    from ferd.attacks import pgd
+
+    world = distributed.world_size()
+    distributed.convert_batchnorm(model, device)
+    ddp = distributed.data_parallel(model, device)
+    for epoch in range(start, cfg.epochs + 1):
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct (this rank's rows)
+        seen_here = 0
+        for x, y in train.batches(cfg.batch_size, shuffle=True, generator=g_batches):
+            sh = distributed.shard(len(y), allow_empty=True)
+            noise = sh.rows(torch.rand(x.shape, generator=g_attack, dtype=x.dtype))  # the global batch's PGD starts
+            x, y = sh.rows(x).to(device), sh.rows(y).to(device)
+            if sh.n:
+                x = pgd(model, x, y, eps=eps, alpha=cfg.attack_step_size * eps, steps=cfg.attack_steps,
+                        random_start=True, start_noise=noise.to(device))
+            model.train()
+            logits = ddp(x)
+            ce = F.cross_entropy(logits, y, reduction="sum")
+            loss = ce * (world / sh.total)  # DDP averages over the ranks: the global batch's mean
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            with torch.no_grad():
+                sums += torch.stack([ce.detach().double(), (logits.argmax(1) == y).sum().double()])
+            seen_here += sh.n
+            progress("adversarial training", step, total, {"epoch": epoch})
+        totals = torch.cat([sums, sums.new_tensor([float(seen_here)])])
+        loss_sum, correct, seen = distributed.all_reduce_(totals).tolist()
+        if not math.isfinite(loss_sum):
+            raise SourceError(f"teacher training diverged (loss {loss_sum / seen}) at epoch {epoch}; lower teacher.train.lr")
+        log.append({"epoch": epoch, "adv_loss": loss_sum / seen, "adv_acc": correct / seen})
+        progress("adversarial training", step, total, {"epoch": epoch, "loss": loss_sum / seen, "adv_acc": correct / seen})
+        if save_state is not None:
+            save_state({"epoch": epoch, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "g_batches": g_batches.get_state(),
+                        "g_attack": g_attack.get_state(), "log": log})
+    distributed.revert_batchnorm(model)
     model.eval()
     return log
 

@@ -4,12 +4,20 @@ Output goes to stderr through rich (stdout stays free for data a user may pipe).
 becomes one line on stderr and exit code 1; a ``FerdWarning`` one ``warning:`` line, and the
 command goes on; anything else is a bug and keeps its traceback. There is deliberately no
 ``except Exception``: it would turn ``typer.Exit`` into success and let DVC cache a failed stage.
+
+Data parallelism (docs/distributed.md): with ``runtime.nproc`` > 1 and no launcher around it, a heavy
+stage runs itself again as ``nproc`` ranks (:func:`launch_ranks`) and prints the one error line of a
+failed rank; under a launcher (torchrun, or that relaunch) :func:`setup_torch` joins the process
+group, only rank 0 prints, and only rank 0 writes artifacts and run state (:func:`rank0_writes`,
+:func:`checkpointer`).
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
+import os
 import sys
 import time
 import warnings
@@ -41,16 +49,40 @@ def global_options(ctx: typer.Context) -> GlobalOptions:
     return obj if isinstance(obj, GlobalOptions) else GlobalOptions()
 
 
-def fail(message: str) -> None:
-    """Print one error line on stderr and exit 1."""
+def fail(message: str, kind: str = "error") -> None:
+    """Print one error line on stderr and exit 1.
+
+    A rank of a distributed run (``RANK`` set by the launcher) also records the line for the
+    launcher (``ferd.distributed.record_failure``); one that ``ferd`` launched itself leaves the
+    printing to the launching process, which prints the first failed rank's line alone.
+    """
     first = " ".join(str(message).split())
+    if "RANK" in os.environ:  # a rank (torch is imported by then)
+        from ferd.distributed import launched_by_ferd, record_failure
+
+        record_failure(first, kind)
+        if launched_by_ferd():
+            raise typer.Exit(code=1)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            first = f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: {first}"
     print(f"error: {first}", file=sys.stderr)
     raise typer.Exit(code=1)
 
 
+def _lost_peer_errors() -> tuple[type[BaseException], ...]:
+    """torch.distributed's errors for a rank that died or a collective that broke (when torch is loaded)."""
+    dist = sys.modules.get("torch.distributed")
+    error = getattr(dist, "DistError", None) if dist is not None else None
+    return (error,) if isinstance(error, type) else ()
+
+
 def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn ``FerdError`` into a one-line message and exit code 1 (nothing else is caught); show every
-    ``FerdWarning`` as one ``warning:`` line on stderr (other warnings go where they always go)."""
+    ``FerdWarning`` as one ``warning:`` line on stderr (other warnings go where they always go).
+
+    In a rank of a distributed run, a collective that fails because another rank died (torch's
+    ``DistError``) is reported the same way, as a lost peer: the launcher names the rank that failed.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -61,6 +93,11 @@ def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                 return func(*args, **kwargs)
             except FerdError as exc:
                 fail(str(exc))
+            except _lost_peer_errors() as exc:
+                if "RANK" not in os.environ:
+                    raise
+                fail(f"a collective operation failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                     "peer")
 
     return wrapper
 
@@ -116,17 +153,103 @@ def load_stage_params(ctx: typer.Context, sections: tuple[str, ...]) -> Any:
     return DeclaredParams(load_params(opts.params, overrides), sections)
 
 
+#: The stages that run as several ranks under torch.distributed (docs/distributed.md).
+RANKED_STAGES = ("fetch-teacher", "synth-fae", "distill")
+
+
 def setup_torch(params: Any, stage: str, seed: int | None = None) -> Any:
     """Threads, torch's global seed (the run ``seed`` unless the stage has its own), device; returns the torch.device.
 
-    Refuses ``runtime.precision: bf16`` unless the device resolves to CUDA.
+    Refuses ``runtime.precision: bf16`` unless the device resolves to CUDA. Under a launcher (torchrun,
+    or :func:`launch_ranks`) it joins the process group (gloo on the CPU, NCCL on CUDA, this rank on
+    ``cuda:LOCAL_RANK``), splits ``runtime.threads`` between the ranks of this machine, silences every
+    rank but rank 0, and leaves the group when the command ends. Only ``RANKED_STAGES`` run as
+    several ranks: any other stage under a launcher of more than one process is refused.
     """
+    from ferd.errors import ConfigError
     from ferd.runtime import check_precision, configure_torch, resolve_device
 
-    configure_torch(params.runtime.threads, params.seed if seed is None else seed, stage)
+    threads = params.runtime.threads
+    if "RANK" in os.environ:
+        from ferd.distributed import local_world_size, threads_per_rank
+
+        threads = threads_per_rank(threads, local_world_size())
+    configure_torch(threads, params.seed if seed is None else seed, stage)
     device = resolve_device(params.runtime.device)
     check_precision(params.runtime.precision, device)
+    from ferd.distributed import init_process_group, is_main, shutdown, under_launcher
+
+    if under_launcher() and stage not in RANKED_STAGES and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ConfigError(f"ferd {stage.split('-')[0] if stage.startswith('evaluate') else stage} runs in one process; "
+                          f"run it without torchrun (only {', '.join(RANKED_STAGES)} run as several)")
+    if under_launcher() and stage in RANKED_STAGES:
+        device = init_process_group(device)
+        atexit.register(shutdown)
+        console.quiet = not is_main()
     return device
+
+
+def launch_ranks(
+    ctx: typer.Context, params: Any, stage: str, *, batches: Mapping[str, int], when: bool = True
+) -> bool:
+    """Run this command as ``runtime.nproc`` ranks on this machine and return True (the caller then
+    returns at once), when ``nproc`` > 1, ``when`` holds and no launcher started this process;
+    otherwise False. The ranks rerun the same command line (``python -m stages.cli ...``) under torch's
+    elastic launcher (``ferd.distributed.launch``); a failed rank raises one ``FerdError`` line.
+    ``batches`` (param name -> batch size) are split over the ranks: each must give every rank a row."""
+    nproc = params.runtime.nproc
+    if nproc <= 1 or not when or "RANK" in os.environ:
+        return False
+    from ferd.errors import ConfigError
+
+    for name, size in batches.items():
+        if size < nproc:
+            raise ConfigError(f"{name} is {size} but {nproc} processes share it (one row each at least); "
+                              f"raise {name} or lower runtime.nproc")
+    import torch
+
+    from ferd.distributed import launch
+    from ferd.runtime import resolve_device
+
+    device = resolve_device(params.runtime.device)
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(f"runtime.nproc is {nproc} but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          "one per process; lower runtime.nproc")
+    backend = "NCCL" if device.type == "cuda" else "gloo"
+    console.print(f"{stage}: {nproc} processes (runtime.nproc), torch.distributed with {backend}")
+    launch([sys.executable, "-m", "stages.cli", *_command_line(ctx)], nproc, params.runtime.threads)
+    return True
+
+
+def _command_line(ctx: typer.Context) -> list[str]:
+    """The arguments that run this command again: the global options, the command, its options."""
+    opts = global_options(ctx)
+    args = ["--params", str(opts.params)]
+    if opts.device is not None:
+        args += ["--device", opts.device]
+    if opts.threads is not None:
+        args += ["--threads", str(opts.threads)]
+    args.append(ctx.info_name or "")
+    for param in ctx.command.params:  # typer's (vendored click) parameters
+        value = ctx.params.get(param.name)
+        if getattr(param, "param_type_name", None) != "option" or value is None:
+            continue
+        if getattr(param, "is_flag", False):
+            flag = param.opts[0] if value else (param.secondary_opts[0] if param.secondary_opts else None)
+            if flag:
+                args.append(flag)
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def rank0_writes() -> bool:
+    """Whether this process writes the stage's artifacts: after every rank has finished computing
+    (a barrier), rank 0 only; always in one process."""
+    from ferd.distributed import barrier, is_main
+
+    barrier()
+    return is_main()
 
 
 def _resolve(params: Any, dotted: str) -> Any:
@@ -155,6 +278,13 @@ def print_config(stage: str, params: Any, sections: tuple[str, ...], device: Any
             table.add_row(key, repr(value) if isinstance(value, str) else str(value))
     if device is not None:
         table.add_row("device (resolved)", str(device))
+    if "RANK" in os.environ:
+        from ferd.distributed import world_size
+
+        if world_size() > 1:
+            import torch.distributed as dist
+
+            table.add_row("ranks (torch.distributed)", f"{world_size()} ({dist.get_backend()}); rank 0 prints and writes")
     console.print(table)
 
 
@@ -265,8 +395,9 @@ def stage_run_state(params: Any, stage: str, sections: tuple[str, ...], inputs: 
 
 
 def checkpointer(run_state: Any, every: int, epoch_of: Callable[[Any], int]) -> Callable[[Any], None] | None:
-    """A ``save_state`` callback that saves every ``every`` epochs (None without a run state)."""
-    if run_state is None:
+    """A ``save_state`` callback that saves every ``every`` epochs (None without a run state, and on
+    every rank but rank 0 of a distributed run: rank 0 alone writes the run state)."""
+    if run_state is None or not _is_main():
         return None
 
     def save(state: Any) -> None:
@@ -276,11 +407,37 @@ def checkpointer(run_state: Any, every: int, epoch_of: Callable[[Any], int]) -> 
     return save
 
 
-def resume_from(run_state: Any, stage: str) -> Any:
-    """The saved state to continue from (and say so), or None."""
+def resume_from(run_state: Any, stage: str, epoch_of: Callable[[Any], int] | None = None) -> Any:
+    """The saved state to continue from (and say so), or None.
+
+    In a distributed run every rank loads the state itself; with ``epoch_of`` the ranks first check
+    that they all found the same one (a run-state folder that not every node sees is an error).
+    """
     if run_state is None:
         return None
     state = run_state.load()
+    if epoch_of is not None and "RANK" in os.environ:
+        import torch
+
+        from ferd.distributed import all_gather_stack, world_size
+
+        if world_size() > 1:
+            found = all_gather_stack(torch.tensor(-1 if state is None else int(epoch_of(state)))).tolist()
+            if len(set(found)) > 1:
+                def says(r: int) -> str:
+                    return f"rank {r} finds no run state" if found[r] < 0 else f"rank {r} resumes after epoch {found[r]}"
+
+                odd = next(r for r, v in enumerate(found) if v != found[0])
+                raise FerdError(f"{says(0)} in {run_state.dir} but {says(odd)}: put runtime.state_dir on a filesystem "
+                                "every node shares (or copy it to every node), or delete it to start over")
     if state is not None:
         console.print(f"{stage}: resuming from the run state in {run_state.dir} (delete it to start over)")
     return state
+
+
+def _is_main() -> bool:
+    if "RANK" not in os.environ:
+        return True
+    from ferd.distributed import is_main
+
+    return is_main()

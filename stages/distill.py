@@ -16,10 +16,12 @@ from stages._ui import (
     checkpointer,
     console,
     handles_errors,
+    launch_ranks,
     load_pool,
     load_stage_params,
     load_teacher,
     print_config,
+    rank0_writes,
     resume_from,
     setup_torch,
     stage_run_state,
@@ -51,6 +53,11 @@ def command(
     from ferd.errors import ArtifactError
 
     params = load_stage_params(ctx, SECTIONS)
+    batches = {"distill.batch_size": params.distill.batch_size}
+    if params.distill.schedule == "interleaved":  # distill synthesises too
+        batches["fae.batch_size"] = params.fae.batch_size
+    if launch_ranks(ctx, params, "distill", batches=batches):
+        return
     device = setup_torch(params, "distill")
     print_config("distill", params, SECTIONS, device)
     model, _meta, info = load_teacher(params, teacher, device)
@@ -72,7 +79,10 @@ def command(
     save_state = checkpointer(run_state, params.runtime.checkpoint_every, lambda st: st["distill"]["epoch"])
     with timed("distill"), RichProgress() as progress:
         student, rows = run_distill(model, arrays, params, info, cached_delta=delta, device=device, probe_data=data,
-                                    resume=resume_from(run_state, "distill"), save_state=save_state, progress=progress)
+                                    resume=resume_from(run_state, "distill", lambda st: st["distill"]["epoch"]),
+                                    save_state=save_state, progress=progress)
+    if not rank0_writes():
+        return
     d = params.distill
     meta = model_meta(arch=d.arch, num_classes=info.num_classes, input_shape=info.image_shape,
                       mean=[0.0] * info.image_shape[0], std=[1.0] * info.image_shape[0], dataset=info.name,

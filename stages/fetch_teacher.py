@@ -13,8 +13,10 @@ from stages._ui import (
     checkpointer,
     console,
     handles_errors,
+    launch_ranks,
     load_stage_params,
     print_config,
+    rank0_writes,
     resume_from,
     setup_torch,
     stage_run_state,
@@ -34,14 +36,20 @@ def command(
     from ferd.teacher import fetch_teacher
 
     params = load_stage_params(ctx, SECTIONS)
+    if launch_ranks(ctx, params, "fetch-teacher", batches={"teacher.train.batch_size": params.teacher.train.batch_size},
+                    when=params.teacher.source == "train"):  # only training is heavy
+        return
     device = setup_torch(params, "fetch-teacher", seed=params.teacher.seed)
     print_config("fetch-teacher", params, SECTIONS, device)
     # only training has epochs worth resuming; the run state is keyed by the data and teacher params
     run_state = stage_run_state(params, "fetch-teacher", SECTIONS, []) if params.teacher.source == "train" else None
     save_state = checkpointer(run_state, params.runtime.checkpoint_every, lambda st: st["epoch"])
     with timed("fetch-teacher"), RichProgress() as progress:
-        result = fetch_teacher(params, device=device, work_dir=out.parent, resume=resume_from(run_state, "fetch-teacher"),
+        result = fetch_teacher(params, device=device, work_dir=out.parent,
+                               resume=resume_from(run_state, "fetch-teacher", lambda st: st["epoch"]),
                                save_state=save_state, progress=progress)
+    if not rank0_writes():
+        return
     save_model(out, result.state_dict, result.meta)
     if run_state is not None:
         run_state.clear()

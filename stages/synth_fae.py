@@ -16,9 +16,11 @@ from stages._ui import (
     checkpointer,
     console,
     handles_errors,
+    launch_ranks,
     load_stage_params,
     load_teacher,
     print_config,
+    rank0_writes,
     resume_from,
     setup_torch,
     stage_run_state,
@@ -50,6 +52,8 @@ def command(
     from ferd.synthesis import pool_arrays, synthesis_rows, synthesize_pool
 
     params = load_stage_params(ctx, SECTIONS)
+    if launch_ranks(ctx, params, "synth-fae", batches={"fae.batch_size": params.fae.batch_size}):
+        return
     device = setup_torch(params, "synth-fae")
     print_config("synth-fae", params, SECTIONS, device)
     model, _meta, info = load_teacher(params, teacher, device)
@@ -70,10 +74,13 @@ def command(
         x, y, epoch, state = synthesize_pool(
             model, params.fae, params.probe, params.reweight, epochs=epochs, p0=torch.tensor(cw["p"], dtype=torch.float64),
             num_classes=info.num_classes, image_shape=tuple(info.image_shape), eps=params.data.eps, seed=params.seed,
-            device=device, resume=resume_from(run_state, "synth-fae"), save_state=save_state, progress=progress,
+            device=device, resume=resume_from(run_state, "synth-fae", lambda st: st["epoch"]), save_state=save_state,
+            progress=progress,
             precision=params.runtime.precision,
             probe_data=data,
         )
+    if not rank0_writes():
+        return
     attrs = {"num_classes": info.num_classes, "class_names": list(info.class_names), "seed": params.seed,
              "image_shape": list(info.image_shape), "schedule": params.distill.schedule,
              "params": {"fae": as_dict(params.fae), "probe": as_dict(params.probe), "reweight": as_dict(params.reweight)}}
