@@ -51,7 +51,7 @@ def tiny_params(**sections: dict) -> dict:
         },
         "utae": {"gamma": 0.3, "steps": 2},
         "distill": {
-            "schedule": "staged", "arch": "cnn", "width": 4, "steps": 3, "batch_size": 16, "holdout_per_class": 1,
+            "schedule": "staged", "arch": "cnn", "width": 4, "steps": 3, "batch_size": 16,
             "augment_pad": 1,
         },
         "evaluate": {

@@ -14,7 +14,6 @@ from ferd.config import DistillConfig, UtaeConfig
 from ferd.distill import (
     LOG_COLUMNS,
     Pool,
-    split_holdout,
     student_loss,
     train_student,
 )
@@ -23,7 +22,8 @@ from ferd.losses import ikl, kl_div
 from ferd.models import build_model
 
 EPS = 0.1
-CFG = DistillConfig(steps=3, batch_size=16, holdout_per_class=1, augment_pad=2, lr=0.05)
+CFG = DistillConfig(steps=3, batch_size=16, augment_pad=2, lr=0.05)
+HOLDOUT = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(99))  # extra images, not in the pool
 UTAE = UtaeConfig(steps=2)
 
 
@@ -111,20 +111,21 @@ def test_pool_eligible_and_append():
         Pool(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
 
 
-def test_split_holdout_balanced_disjoint_deterministic():
-    pool = _pool(3, 16)  # 12 images per class
-    train, hold = split_holdout(pool, 2, torch.Generator().manual_seed(0))
-    assert torch.bincount(pool.y[hold], minlength=4).tolist() == [2, 2, 2, 2]
-    assert set(train.tolist()).isdisjoint(hold.tolist())
-    assert sorted(train.tolist() + hold.tolist()) == list(range(len(pool)))
-    train2, hold2 = split_holdout(pool, 2, torch.Generator().manual_seed(0))
-    assert torch.equal(hold, hold2) and torch.equal(train, train2)
-    _, hold3 = split_holdout(pool, 2, torch.Generator().manual_seed(1))
-    assert not torch.equal(hold, hold3)
-    train0, hold0 = split_holdout(pool, 0, torch.Generator().manual_seed(0))
-    assert hold0.numel() == 0 and train0.tolist() == list(range(len(pool)))
-    _, capped = split_holdout(pool, 100, torch.Generator().manual_seed(0))  # never more than half a class
-    assert torch.bincount(pool.y[capped], minlength=4).tolist() == [6, 6, 6, 6]
+def test_holdout_is_never_trained_on_and_the_pool_stays_whole():
+    """The holdout is extra images (the probe set), not pool images: every pool image stays eligible,
+    and no training step ever sees a holdout image (the teacher records every batch it labels)."""
+    pool = _pool(2, 16)
+    pool.x.mul_(0.5)  # pool images in [0, 0.5]
+    holdout = torch.full((4, 1, 16, 16), 0.9)  # bright: any pixel > 0.6 in a batch would come from it
+    teacher = _Recorder(_teacher())
+    _, _, state = _train(pool, cfg=replace(CFG, augment_pad=0), teacher=teacher, holdout=holdout, total_epochs=3,
+                         warmup=1)
+    assert [row["pool_size"] for row in state.log] == [32.0, 32.0]  # the whole pool, nothing held out
+    training_calls = [c for c in teacher.calls]
+    assert not any(training_calls[1:])  # the first call labels the holdout itself; no batch holds it
+    assert all(math.isfinite(row["holdout_clean_acc"]) for row in state.log)
+    _, _, without = _train(pool, cfg=replace(CFG, augment_pad=0), total_epochs=3, warmup=1)
+    assert all(math.isnan(row["holdout_clean_acc"]) and math.isnan(row["holdout_pgd_acc"]) for row in without.log)
 
 
 def test_augment_shift_and_flip():
@@ -163,7 +164,7 @@ def test_staged_pool_grows_with_epochs_and_lr_schedule():
     pool.x[32:] = 0.9
     teacher = _Recorder(_teacher())
     per_epoch = []
-    cfg = replace(CFG, holdout_per_class=0)
+    cfg = CFG
     _, _, state = _train(pool, cfg=cfg, teacher=teacher, total_epochs=4, warmup=1,
                          on_epoch_end=lambda s: per_epoch.append(list(teacher.calls)))
     # student epochs 1, 2 (global 2, 3) see epochs <= 2 only; student epoch 3 (global 4) sees everything
@@ -180,7 +181,7 @@ def test_staged_pool_grows_with_epochs_and_lr_schedule():
 def test_train_student_deterministic_teacher_frozen_and_log_complete():
     teacher = _teacher()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student, teacher, state = _train(teacher=teacher)
+    student, teacher, state = _train(teacher=teacher, holdout=HOLDOUT)
     assert not teacher.training and all(p.requires_grad for p in teacher.parameters())
     for k, v in teacher.state_dict().items():  # parameters and BN buffers bit-identical
         assert torch.equal(v, before[k]), k
@@ -191,10 +192,9 @@ def test_train_student_deterministic_teacher_frozen_and_log_complete():
         assert all(isinstance(v, float) and math.isfinite(v) for v in row.values())
         assert 0.0 <= row["holdout_pgd_acc"] <= row["holdout_clean_acc"] + 0.5 and row["holdout_clean_acc"] <= 1.0
         assert 0.0 <= row["train_agreement"] <= 1.0
-    assert state.holdout_idx.numel() == 4
     for k, v in student.state_dict().items():
         assert torch.equal(state.student[k], v)
-    student2, _, state2 = _train()
+    student2, _, state2 = _train(holdout=HOLDOUT)
     for k, v in student.state_dict().items():
         assert torch.equal(student2.state_dict()[k], v), k
     assert state2.log == state.log
@@ -223,12 +223,12 @@ def test_interleaved_synthesize_called_each_epoch_and_pool_grows():
         g = torch.Generator().manual_seed(epoch)
         return torch.rand(8, 1, 16, 16, generator=g), torch.arange(8) % 4
 
-    _, _, state = _train(pool, cfg=replace(CFG, schedule="interleaved", holdout_per_class=1), student=student,
+    _, _, state = _train(pool, cfg=replace(CFG, schedule="interleaved"), student=student,
                          synthesize=synthesize, total_epochs=4, warmup=1)
     assert calls == [(2, True, False), (3, True, False), (4, True, False)]
     assert len(state.pool) == 16 + 3 * 8
     assert state.pool.epoch.tolist() == [1] * 16 + [2] * 8 + [3] * 8 + [4] * 8
-    assert [row["pool_size"] for row in state.log] == [24.0 - 4, 32.0 - 4, 40.0 - 4]  # holdout: 1 per class
+    assert [row["pool_size"] for row in state.log] == [24.0, 32.0, 40.0]
 
 
 def test_cached_init_starts_from_the_cached_perturbation(monkeypatch):
@@ -264,7 +264,7 @@ def test_non_finite_loss_names_epoch_step_and_term():
     pool = _pool(2, 16)
     pool.x[:] = float("nan")
     with pytest.raises(FerdError, match=r"non-finite loss_clean .* epoch 2, step 1"):
-        _train(pool, cfg=replace(CFG, holdout_per_class=0), total_epochs=2, warmup=1)
+        _train(pool, cfg=CFG, total_epochs=2, warmup=1)
 
 
 class _Sharpen(nn.Module):
@@ -280,7 +280,7 @@ class _Sharpen(nn.Module):
 
 def test_student_learns_the_teacher():
     pool = _pool(2, 32, seed=3)
-    cfg = replace(CFG, steps=8, batch_size=32, lr=0.05, holdout_per_class=0, augment_pad=0)
+    cfg = replace(CFG, steps=8, batch_size=32, lr=0.05, augment_pad=0)
     _, _, state = _train(pool, cfg=cfg, teacher=_Sharpen(_teacher()), utae=UtaeConfig(steps=1), total_epochs=4, warmup=0)
     first, last = state.log[0], state.log[-1]
     assert last["loss"] < 0.5 * first["loss"], state.log  # measured: about 0.15x

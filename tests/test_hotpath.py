@@ -156,7 +156,7 @@ def test_distill_reports_the_first_non_finite_step_after_the_epoch():
 
     student.forward = forward
     with pytest.raises(FerdError, match=r"non-finite loss_clean \(nan\) at epoch 2, step 3"):
-        train_student(student, _teacher(), pool, replace(CFG, holdout_per_class=0), UTAE, total_epochs=2, warmup=1,
+        train_student(student, _teacher(), pool, CFG, UTAE, total_epochs=2, warmup=1,
                       eps=EPS, seed=0, device="cpu")
     assert len(calls) == 2 * CFG.steps  # the epoch's steps all ran: the check is once per epoch
 
@@ -194,7 +194,7 @@ def test_no_host_sync_per_step_on_cuda():
                                         generator=torch.Generator().manual_seed(0), device="cuda")
 
     def distill(steps):
-        cfg = replace(CFG, steps=steps, holdout_per_class=0)
+        cfg = replace(CFG, steps=steps)
         return lambda: train_student(_net(1), teacher, _pool(), cfg, UTAE, total_epochs=2, warmup=1, eps=EPS, seed=0,
                                      device="cuda")
 

@@ -127,8 +127,8 @@ def test_train_student_runs_every_adversary_and_loss():
     from tests.test_distill import _train
 
     for cfg in (
-        replace(DistillConfig(steps=2, batch_size=8, holdout_per_class=1), adversary="hee", loss="ce_hard"),
-        replace(DistillConfig(steps=2, batch_size=8, holdout_per_class=1), adversary="pgd"),
+        replace(DistillConfig(steps=2, batch_size=8), adversary="hee", loss="ce_hard"),
+        replace(DistillConfig(steps=2, batch_size=8), adversary="pgd"),
     ):
         _s, _t, state = _train(cfg=cfg)
         assert state.epoch == 2 and all(torch.isfinite(torch.tensor(row["loss"])) for row in state.log)
