@@ -150,7 +150,7 @@ def measure(preset: str, device, batch: int, steps: int, precision: str, quick: 
     shape = (c, h, h)
     real_batch = params.fae.batch_size
     fae = replace(params.fae, batch_size=batch, steps=steps)
-    dcfg = replace(params.distill, batch_size=batch, steps=steps, holdout_per_class=0)
+    dcfg = replace(params.distill, batch_size=batch, steps=steps)
     time_it = _timer(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -117,7 +117,7 @@ def _gen_utae(env: Env, pool: Path, teacher: Path | None = None, **kw: Any) -> R
 def _distill(env: Env, pool: Path | None = None, **kw: Any) -> Run:
     out, log = env.out / "student.safetensors", env.out / "distill.csv"
     args = ["distill", "--teacher", str(env.path(TEACHER)), "--pool", str(pool or env.path(POOL)),
-            "--utae", str(env.tmp / "no-utae.h5"), "--out", str(out), "--log", str(log)]
+            "--utae", str(env.tmp / "no-utae.h5"), "--probe", str(env.path(PROBE)), "--out", str(out), "--log", str(log)]
     return Run(args, [out, log], **kw)
 
 
@@ -414,12 +414,20 @@ def case_probe_missing(env: Env) -> Run:
 
 
 @case
+def case_probe_missing_for_synthesis(env: Env) -> Run:
+    out, log = env.out / "pool.h5", env.out / "synthesis.csv"
+    return Run(["synth-fae", "--teacher", str(env.path(TEACHER)), "--weights", str(env.path(WEIGHTS)), "--probe",
+                str(env.tmp / "probe.h5"), "--out", str(out), "--log", str(log)], [out, log],
+               expect=["probe.h5", "not found", "ferd probe"])
+
+
+@case
 def case_class_weights_not_json(env: Env) -> Run:
     bad = env.tmp / "class_weights.json"
     bad.write_text('{"p": [0.25, 0.25,')
     out, log = env.out / "pool.h5", env.out / "synthesis.csv"
-    return Run(["synth-fae", "--teacher", str(env.path(TEACHER)), "--weights", str(bad), "--out", str(out), "--log",
-                str(log)], [out, log], expect=[str(bad), "not valid JSON", "rerun"], keep=True)
+    return Run(["synth-fae", "--teacher", str(env.path(TEACHER)), "--weights", str(bad), "--probe", str(env.path(PROBE)),
+                "--out", str(out), "--log", str(log)], [out, log], expect=[str(bad), "not valid JSON", "rerun"], keep=True)
 
 
 @case
@@ -427,8 +435,8 @@ def case_class_weights_wrong_class_count(env: Env) -> Run:
     bad = env.tmp / "class_weights.json"
     bad.write_text(json.dumps({"p": [0.5, 0.5]}))
     out, log = env.out / "pool.h5", env.out / "synthesis.csv"
-    return Run(["synth-fae", "--teacher", str(env.path(TEACHER)), "--weights", str(bad), "--out", str(out), "--log",
-                str(log)], [out, log], expect=[str(bad), "2 class proportions", "ferd reweight"])
+    return Run(["synth-fae", "--teacher", str(env.path(TEACHER)), "--weights", str(bad), "--probe", str(env.path(PROBE)),
+                "--out", str(out), "--log", str(log)], [out, log], expect=[str(bad), "2 class proportions", "ferd reweight"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -291,3 +291,59 @@ def test_nan_loss_raises_naming_the_term(nets, monkeypatch):
     assert hook_count(teacher) == 0
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ratio_rule_splits_and_uniformity_keeps_the_label(tiny_teacher):
+    """fae.ib_threshold: ratio on a trained (tiny) teacher: a non-trivial robust / non-robust split where
+    the reference rule is all-or-nothing at the same IB budget; and a uniformity term on the
+    non-robust features drives their head to uniform while the full output still predicts y."""
+    from ferd.artifacts import load_model
+    from ferd.config import DataConfig, SyntheticDataConfig
+    from ferd.data import load_split
+    from ferd.losses import uniform_kl
+
+    teacher, _ = load_model(tiny_teacher)
+    with torch.no_grad():  # a confident teacher: the tiny one's logits are near zero, every head near uniform
+        teacher.fc.weight.mul_(30.0)
+        teacher.fc.bias.mul_(30.0)
+    data = DataConfig(name="synthetic", synthetic=SyntheticDataConfig(num_classes=4, channels=1, image_size=16))
+    test = load_split(data, "test")
+    x, y = test.images(), test.y
+    with torch.no_grad():
+        right = teacher(x).argmax(1) == y
+    x, y = x[right][:32], y[right][:32]
+    feats = teacher.forward_features(x).detach()
+    ib = dict(steps=10, lr=0.1, beta=0.3)
+    sigma = ib_fit(teacher, feats, y, **ib, generator=torch.Generator().manual_seed(0), matched_init=True)
+    ratio = robust_mask(sigma, feats, "ratio")
+    assert 0.1 < ratio.mean() < 0.9
+    # the reference rule at the same budget is all-or-nothing (here: every v is below the initial
+    # noise softplus(0)^2 = 0.48, so everything is "robust"; on the Fashion-MNIST teacher nothing is)
+    reference = robust_mask(ib_fit(teacher, feats, y, **ib, generator=torch.Generator().manual_seed(0)), feats, "global")
+    assert float(reference.mean()) in (0.0, 1.0)
+
+    # x' = x + delta optimised for CE(T(x'), y) + 5 L_uni(non-robust part), the mask refitted every step
+    delta = torch.zeros_like(x, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=0.02)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        start = uniform_kl(teacher.forward_head(feats * (1 - ratio)))
+    for _ in range(60):
+        xa = (x + delta).clamp(0, 1)
+        z = teacher.forward_features(xa)
+        sig = ib_fit(teacher, z, y, **ib, generator=g, matched_init=True)
+        m = robust_mask(sig, z, "ratio")
+        loss = F.cross_entropy(teacher.forward_head(z), y) + 5.0 * uniformity_loss(teacher, z, m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        xa = (x + delta).clamp(0, 1)
+        z = teacher.forward_features(xa)
+        m = robust_mask(ib_fit(teacher, z, y, **ib, generator=g, matched_init=True), z, "ratio")
+        end = uniform_kl(teacher.forward_head(z * (1 - m)))
+        acc = (teacher(xa).argmax(1) == y).float().mean()
+    assert start > 1.0  # the non-robust head starts far from uniform (KL in nats; log 4 = 1.39 is one-hot)
+    assert 0.05 < m.mean() < 0.95  # still a split
+    assert end < 0.5 * start  # pushed towards uniform ...
+    assert acc >= 0.9  # ... while the whole output still predicts y
