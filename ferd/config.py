@@ -253,9 +253,6 @@ class DistillConfig:
     cached_steps: int = rng(3, ge=1)  # UTAE steps when starting from the cached perturbation
     augment_pad: int = rng(2, ge=0)
     augment_flip: bool = False
-    mix: Literal["none", "mixup", "cutmix"] = "none"  # mix pool images within a batch (teacher labels the mixture)
-    mix_alpha: float = rng(1.0, gt=0.0)  # Beta(alpha, alpha) mixing weights
-    mix_fraction: float = rng(0.5, ge=0.0, le=1.0)  # share of each batch that is mixed
 
     def __post_init__(self) -> None:
         if self.utae_init == "cached" and self.adversary != "utae":

@@ -260,28 +260,6 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def mix_batch(x: Tensor, cfg: DistillConfig, generator: torch.Generator) -> Tensor:
-    """Mix the first ``mix_fraction`` of the batch with a random partner (mixup: convex combination;
-    cutmix: a random box pasted); the teacher labels the mixture, so no label mixing is needed."""
-    n = x.shape[0]
-    k = int(round(cfg.mix_fraction * n))
-    if k == 0:
-        return x
-    partner = torch.randint(n, (k,), generator=generator, device=generator.device).to(x.device)
-    lam = torch.rand(k, generator=generator, device=generator.device).to(x.device, x.dtype)  # prototype: Beta(1, 1)
-    out = x.clone()
-    if cfg.mix == "mixup":
-        out[:k] = lam[:, None, None, None] * x[:k] + (1 - lam[:, None, None, None]) * x[partner]
-    else:
-        h, w = x.shape[2:]
-        for i in range(k):
-            cut = float((1 - lam[i]).sqrt())
-            ch, cw = int(h * cut), int(w * cut)
-            cy, cx = (int(v) for v in torch.randint(0, max(h - ch, 0) + 1, (2,), generator=generator, device=generator.device))
-            out[i, :, cy:cy + ch, cx:cx + cw] = x[partner[i], :, cy:cy + ch, cx:cx + cw]
-    return out
-
-
 def _fits_on_device(nbytes: int, device: torch.device) -> bool:
     """Whether ``nbytes`` may live on ``device`` (always on the CPU; on CUDA: POOL_DEVICE_FRACTION of free memory)."""
     if device.type != "cuda":
@@ -361,7 +339,7 @@ def train_student(
     passes. Returns the final state.
 
     Under ``torch.distributed`` (``ferd.distributed``, more than one rank) the student trains with DDP
-    and global BatchNorm: every rank draws the global batch (indices, augmentation, mixing, UTAE start
+    and global BatchNorm: every rank draws the global batch (indices, augmentation, UTAE start
     noise) as one process would and takes its rows (:func:`ferd.distributed.shard` of
     ``cfg.batch_size``) for the teacher, the adversary and the student step; the per-epoch sums are
     reduced over the ranks once per epoch. The pool, holdout curve and snapshots are the same on
@@ -465,8 +443,6 @@ def train_student(
                     delta = rest[0] if cached else None
                 aug = augment_params(x_raw.shape[0], cfg.augment_pad, cfg.augment_flip, dev_gens["augment"])
                 x_f = apply_augment(x_raw, cfg.augment_pad, aug).to(device)
-                if cfg.mix != "none":
-                    x_f = mix_batch(x_f, cfg, dev_gens["augment"])
                 if sh is not None:  # the global batch was drawn and augmented alike on every rank: this rank's rows
                     x_f = sh.rows(x_f)
                 with torch.no_grad(), amp():

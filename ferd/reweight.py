@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ferd.config import ReweightConfig
 
-__all__ = ["class_proportions", "fill_absent", "smooth_fragility"]
+__all__ = ["class_proportions", "fill_absent", "initial_fragility", "smooth_fragility"]
 
 
 def _as_fragility(D: Tensor) -> Tensor:
@@ -59,6 +59,27 @@ def fill_absent(current: Tensor, present: Tensor, previous: Tensor | None) -> Te
     fill = cur[present].mean() if bool(present.any()) else torch.zeros((), dtype=cur.dtype)
     fill = torch.full_like(cur, float(fill)) if previous is None else _as_fragility(previous)
     return torch.where(present, cur, fill)
+
+
+def initial_fragility(arrays: dict, signal: str) -> Tensor:
+    """The D behind the first epoch's p, from the probe file's arrays (§2.2: before any synthesis).
+
+    ``teacher``: the teacher's fragility on the synthetic probe set (``D``, the paper). ``student``: no
+    student exists yet, so D = 0 (p uniform under every map). ``oracle``: the teacher's fragility on
+    real images (``real_D``; needs ``probe.real_split``).
+    """
+    from ferd.errors import ConfigError
+
+    if signal == "teacher":
+        return _as_fragility(torch.as_tensor(arrays["D"]))
+    if signal == "student":
+        return torch.zeros(len(arrays["D"]), dtype=torch.float64)
+    if signal == "oracle":
+        if "real_D" not in arrays:
+            raise ConfigError("reweight.signal: oracle needs the teacher's fragility on real images; set probe.real_split "
+                              "to train and rerun `ferd probe`")
+        return _as_fragility(torch.as_tensor(arrays["real_D"]))
+    raise ValueError(f"unknown reweighting signal {signal!r}")
 
 
 def smooth_fragility(previous: Tensor | None, current: Tensor, momentum: float) -> Tensor:

@@ -1,4 +1,4 @@
-"""``ferd reweight``: initial class proportions p from the teacher's fragility D (params: reweight)."""
+"""``ferd reweight``: initial class proportions p from the fragility D of the configured signal (params: reweight)."""
 
 from __future__ import annotations
 
@@ -20,20 +20,19 @@ def command(
     out: Annotated[Path, typer.Option(help="Class proportions (JSON).")] = Path("data/reweight/class_weights.json"),
 ) -> None:
     """Map per-class fragility D to class-sampling proportions p: softmax(D/tau), min-max, or uniform."""
-    import torch
-
     from ferd.artifacts import load_h5, save_json
-    from ferd.reweight import class_proportions
+    from ferd.reweight import class_proportions, initial_fragility
 
     params = load_stage_params(ctx, SECTIONS)
     print_config("reweight", params, SECTIONS)
     arrays, attrs = load_h5(probe, kind="probe", required=("D",), produced_by="probe")
-    D = torch.as_tensor(arrays["D"], dtype=torch.float64)
+    D = initial_fragility(arrays, params.reweight.signal)
     p = class_proportions(D, params.reweight)
     names = list(attrs["class_names"])
     save_json(out, {"classes": names, "D": [round(float(v), 8) for v in D], "p": [round(float(v), 8) for v in p],
-                    "method": params.reweight.method, "tau": params.reweight.tau})
-    table = Table(title=f"class proportions ({params.reweight.method})", title_justify="left", show_edge=False)
+                    "method": params.reweight.method, "signal": params.reweight.signal, "tau": params.reweight.tau})
+    title = f"initial class proportions ({params.reweight.method} of the {params.reweight.signal} signal)"
+    table = Table(title=title, title_justify="left", show_edge=False)
     table.add_column("class", style="cyan")
     table.add_column("D", justify="right")
     table.add_column("p", justify="right")

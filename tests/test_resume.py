@@ -4,7 +4,6 @@ stages, and a distill run killed with SIGKILL that, rerun, ends with the uninter
 from __future__ import annotations
 
 import json
-
 import math
 import os
 import shutil
