@@ -28,7 +28,7 @@ from stages._ui import (
 )
 
 SECTIONS = ("seed", "data", "fae", "probe", "reweight", "distill.schedule")
-LOG_COLUMNS = ("epoch", "total", "bn", "adv", "oh", "uni", "teacher_acc", "robust_channels", "probe_adv_acc",
+LOG_COLUMNS = ("epoch", "total", "bn", "adv", "oh", "uni", "tv", "l2", "teacher_acc", "robust_channels", "probe_adv_acc",
                "classes_present")
 
 
@@ -97,6 +97,10 @@ def command(
                       f"{sum(acc) / len(acc):.1%} of the kept batches (min {min(acc):.1%}, max {max(acc):.1%})")
         final = ", ".join(f"{n} {v:.3f}" for n, v in zip(info.class_names, state.p.tolist(), strict=True))
         console.print(f"class proportions after the last epoch: {final}")
+        corr = [r["rank_corr"] for r in rows if r["rank_corr"] == r["rank_corr"]]  # NaN: no diagnostic that epoch
+        if corr:
+            console.print(f"rank correlation of the {params.reweight.signal} signal with its real-image diagnostic: "
+                          f"mean {sum(corr) / len(corr):+.2f} over {len(corr)} epochs (last {corr[-1]:+.2f})")
     if run_state is not None:
         run_state.clear()
     console.print(f"wrote {out} and {log}")
