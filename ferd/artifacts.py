@@ -435,7 +435,8 @@ def save_h5(
             _set_attr(fh, "kind", kind)
             _set_attr(fh, "format_version", FORMAT_VERSION)
             for key in sorted(attrs):
-                _set_attr(fh, key, attrs[key])
+                if key not in ("kind", "format_version"):  # set above: the writer's, never a copied file's
+                    _set_attr(fh, key, attrs[key])
             for name in sorted(arrays):
                 arr = np.ascontiguousarray(arrays[name])  # at least 1-d
                 chunks = (max(1, min(chunk_rows, arr.shape[0])), *(max(1, s) for s in arr.shape[1:]))
