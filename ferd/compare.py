@@ -42,6 +42,7 @@ __all__ = [
     "COLUMNS",
     "Experiment",
     "Record",
+    "Setting",
     "Summary",
     "experiment_name",
     "load_setting",
@@ -87,10 +88,21 @@ class Experiment:
         return [dvc, "exp", "run", "-n", self.name, *set_flags(self.overrides)]
 
 
-def load_setting(path: Path | None) -> dict[str, Any]:
-    """The comparison setting: a YAML mapping of dotted params keys to values (validated later, by DVC's run)."""
+@dataclass(frozen=True)
+class Setting:
+    """The comparison setting: params overrides every experiment shares (the budget), and extra
+    overrides for the headline variants (e.g. AutoAttack on more images), applied after the variant's."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    headline: tuple[str, ...] = ()
+    headline_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def load_setting(path: Path | None) -> Setting:
+    """The comparison setting: a YAML mapping of params keys to values (validated later, by DVC's run),
+    plus an optional ``headline: {variants: [...], set: {...}}`` section for the headline variants."""
     if path is None:
-        return {}
+        return Setting()
     import yaml
 
     from ferd.config import yaml_load
@@ -103,7 +115,16 @@ def load_setting(path: Path | None) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"{path}: expected a mapping of dotted params keys (e.g. 'fae.epochs: 8') to values")
-    return _flatten(data)
+    head = data.pop("headline", None) or {}
+    if not isinstance(head, dict) or set(head) - {"variants", "set"} or not isinstance(head.get("variants", []), list):
+        raise ConfigError(f"{path}: 'headline' must be a mapping with 'variants' (a list of names) and 'set' (params)")
+    names = tuple(str(n) for n in head.get("variants", []))
+    for name in names:
+        variant(name)  # a clear error for an unknown name
+    extra = head.get("set") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{path}: 'headline.set' must be a mapping of params keys to values")
+    return Setting(_flatten(data), names, _flatten(extra))
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -116,22 +137,27 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def plan(variants: list[str], seeds: list[int], setting: dict[str, Any], extra: dict[str, Any] | None = None) -> list[Experiment]:
-    """Every (variant, seed) experiment: setting, then the variant's switches, then ``seed``, then ``extra``.
+def plan(variants: list[str], seeds: list[int], setting: Setting | dict[str, Any],
+         extra: dict[str, Any] | None = None) -> list[Experiment]:
+    """Every (variant, seed) experiment: setting, then the variant's switches, then (headline variants)
+    the setting's headline overrides, then ``seed``, then ``extra``.
 
     Ordered seed-major, so a partial comparison has every variant for the first seeds; within a
     seed the variants that share synthesis run next to each other.
     """
+    if isinstance(setting, dict):
+        setting = Setting(dict(setting))
     if not variants:
         raise ConfigError("compare: no variants given")
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"compare: seeds must be distinct non-negative integers, got {seeds}")
-    if "seed" in setting:
+    if "seed" in setting.overrides or "seed" in setting.headline_overrides:
         raise ConfigError("compare: the setting must not fix 'seed'; the comparison sets it per experiment")
     out = []
     for seed in seeds:
         for name in variants:
-            overrides = {**setting, **variant(name).overrides, "seed": seed, **(extra or {})}
+            head = setting.headline_overrides if name in setting.headline else {}
+            overrides = {**setting.overrides, **variant(name).overrides, **head, "seed": seed, **(extra or {})}
             out.append(Experiment(experiment_name(name, seed), overrides))
     return out
 

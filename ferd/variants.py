@@ -20,7 +20,7 @@ from typing import Any
 __all__ = ["FERD_GAMMA", "FERD_LAMBDA_UNI", "SWITCHES", "VARIANTS", "Variant", "set_flags", "variant"]
 
 #: The params keys the variants switch. Everything else is shared by all variants of a comparison.
-SWITCHES = ("reweight.method", "fae.lambda_uni", "utae.gamma", "distill.adversary", "distill.loss")
+SWITCHES = ("reweight.method", "reweight.signal", "fae.lambda_uni", "utae.gamma", "distill.adversary", "distill.loss")
 
 #: FERD's own values of its two continuous switches (method reference §4 / project default §9 #2).
 FERD_LAMBDA_UNI = 5.0
@@ -36,8 +36,9 @@ class Variant:
     overrides: dict[str, Any]
 
 
-def _v(name: str, description: str, method: str, lambda_uni: float, gamma: float, adversary: str, loss: str) -> Variant:
-    values = (method, lambda_uni, gamma, adversary, loss)
+def _v(name: str, description: str, method: str, lambda_uni: float, gamma: float, adversary: str, loss: str,
+       signal: str = "teacher") -> Variant:
+    values = (method, signal, lambda_uni, gamma, adversary, loss)
     return Variant(name, description, dict(zip(SWITCHES, values, strict=True)))
 
 
@@ -46,8 +47,12 @@ def _v(name: str, description: str, method: str, lambda_uni: float, gamma: float
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        _v("ferd", "FERD: robustness-guided reweighting + FAE uniformity + UTAE (γ)", "softmax", FERD_LAMBDA_UNI,
-           FERD_GAMMA, "utae", "kl"),
+        _v("ferd", "FERD: robustness-guided reweighting (teacher's synthetic fragility, the paper) + FAE uniformity "
+           "+ UTAE (γ)", "softmax", FERD_LAMBDA_UNI, FERD_GAMMA, "utae", "kl"),
+        _v("ferd-student", "FERD with the student signal: p from the student's robust error on the synthetic holdout",
+           "softmax", FERD_LAMBDA_UNI, FERD_GAMMA, "utae", "kl", signal="student"),
+        _v("ferd-oracle", "diagnostic upper bound, not a method: p from the teacher's fragility on REAL images",
+           "softmax", FERD_LAMBDA_UNI, FERD_GAMMA, "utae", "kl", signal="oracle"),
         _v("no-reweight", "FERD without reweighting (uniform class proportions)", "uniform", FERD_LAMBDA_UNI,
            FERD_GAMMA, "utae", "kl"),
         _v("no-fae-uni", "FERD without the FAE uniformity term (λ_uni = 0, no IB fit)", "softmax", 0.0, FERD_GAMMA,

@@ -143,7 +143,10 @@ def test_presets_load_and_validate():
     assert {"cifar10-resnet18", "cifar10-mobilenetv2", "cifar100-resnet18", "tiny-imagenet-preactresnet18"} <= set(names)
     for name in names:
         merged = merged_params(name, ROOT / "params.yaml", ROOT / "configs")
-        assert merged["data"]["name"] in ("cifar10", "cifar100", "tiny-imagenet")
+        assert merged["data"]["name"] in ("cifar10", "cifar100", "tiny-imagenet", "fashion-mnist")
+        # every preset is the paper's method: its synthesis and reweighting switches are spelled out
+        assert merged["fae"]["generator"] == "fresh" and merged["fae"]["ib_threshold"] == "global", name
+        assert merged["fae"]["lambda_oh"] == 1.0 and merged["reweight"]["signal"] == "teacher", name
     with pytest.raises(ConfigError, match="unknown preset"):
         merged_params("compare", ROOT / "params.yaml", ROOT / "configs")
 
