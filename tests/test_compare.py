@@ -341,3 +341,20 @@ def test_dry_run_with_jobs_shows_the_queue_commands():
     lines = dry.output.strip().splitlines()
     assert lines[0].startswith("dvc exp run --queue -n ferd-s0 -S") and lines[1].startswith("dvc exp run --queue -n plain-s0")
     assert lines[-1] == "dvc queue start -j 2"
+
+
+def test_headline_overrides_apply_to_the_headline_variants_only(tmp_path):
+    setting_file = tmp_path / "compare.yaml"
+    setting_file.write_text("fae: {steps: 7}\nheadline:\n  variants: [ferd, plain]\n  set: {evaluate: {autoattack_per_class: 100}}\n")
+    setting = load_setting(setting_file)
+    assert setting.overrides == {"fae.steps": 7} and setting.headline == ("ferd", "plain")
+    exps = {e.name: e.overrides for e in plan(["ferd", "ferd-student", "plain"], [0, 1], setting)}
+    assert exps["ferd-s1"]["evaluate.autoattack_per_class"] == 100 == exps["plain-s0"]["evaluate.autoattack_per_class"]
+    assert "evaluate.autoattack_per_class" not in exps["ferd-student-s0"]
+    assert all(o["fae.steps"] == 7 for o in exps.values())
+    setting_file.write_text("headline:\n  variants: [nope]\n")
+    with pytest.raises(ConfigError, match="unknown variant"):
+        load_setting(setting_file)
+    setting_file.write_text("headline: {variants: [ferd], bad: 1}\n")
+    with pytest.raises(ConfigError, match="headline"):
+        load_setting(setting_file)
