@@ -196,6 +196,7 @@ class FaeConfig:
     lambda_adv: float = rng(1.0, ge=0.0)
     lambda_oh: float = rng(1.0, ge=0.0)
     lambda_uni: float = rng(5.0, ge=0.0)  # 0 switches the FAE uniformity term off (ablation)
+    oh_confidence: float = rng(1.0, gt=0.0, le=1.0)  # L_oh stops pulling once p_y >= this (1 = plain CE, the paper)
     ib_steps: int = rng(10, ge=1)  # IB channel-noise fit steps per generator step (paper: 50)
     ib_lr: float = rng(0.1, gt=0.0)
     ib_beta: float = rng(0.3, ge=0.0)

@@ -433,7 +433,11 @@ def synthesize_epoch(
             zero = t.new_zeros(())
             if sh is not None and l_bn is not None:
                 l_bn = l_bn / sh_world  # the global L_bn, this rank's share
-            l_oh = F.cross_entropy(t, y_dev) if sh is None else share(F.cross_entropy(t, y_dev, reduction="none"))
+            if cfg.oh_confidence < 1.0:  # class-faithful, not over-confident: no pull once p_y >= kappa
+                ce_i = (F.cross_entropy(t, y_dev, reduction="none") + math.log(cfg.oh_confidence)).clamp_min(0.0)
+                l_oh = ce_i.mean() if sh is None else share(ce_i)
+            else:
+                l_oh = F.cross_entropy(t, y_dev) if sh is None else share(F.cross_entropy(t, y_dev, reduction="none"))
             terms = {"bn": zero if l_bn is None else l_bn, "adv": zero, "oh": l_oh, "uni": zero, "tv": zero, "l2": zero}
             # per-image score for fae.select: image (the per-sample terms; L_bn and L_adv are batch terms)
             score = cfg.lambda_oh * F.cross_entropy(t.detach(), y_dev, reduction="none") if per_image else None
