@@ -58,7 +58,7 @@ class EvalResult:
         for c, name in enumerate(self.class_names):
             row: dict[str, Any] = {"class": c, "name": name}
             for attack, accs in self.per_class.items():
-                row[attack] = round(accs[c], 6)
+                row[attack] = round(accs[c], 6)  # NaN (transfer where the teacher is at 0) is written "nan"
             rows.append(row)
         return rows
 
@@ -75,6 +75,18 @@ def _summary_dict(per_class: Any, overall: float) -> dict[str, Any]:
     return {"avg": s.avg, "worst": s.worst, "worst_class": s.worst_class, "worst10": s.worst10, "nsd": s.nsd}
 
 
+def _transfer_summary(transfer: Any, overall: float) -> dict[str, Any]:
+    """Transfer is a ratio, not an accuracy (it can exceed 1): avg = overall ratio, worst over defined classes."""
+    import torch
+
+    t = torch.as_tensor(transfer, dtype=torch.float64)
+    defined = torch.nonzero(~torch.isnan(t)).flatten()
+    if len(defined) == 0:
+        return {"avg": overall, "worst": math.nan, "worst_class": 0, "worst10": None, "nsd": math.nan}
+    worst_class = int(defined[torch.argmin(t[defined])])
+    return {"avg": overall, "worst": float(t[worst_class]), "worst_class": worst_class, "worst10": None, "nsd": math.nan}
+
+
 def evaluate_model(
     model: Any,
     test: Any,
@@ -83,8 +95,14 @@ def evaluate_model(
     eps: float,
     seed: int,
     progress: Progress = no_progress,
+    reference: Any = None,
 ) -> EvalResult:
-    """Attack ``model`` (frozen, eval mode) on the ImageSet ``test``; return per-class results."""
+    """Attack ``model`` (frozen, eval mode) on the ImageSet ``test``; return per-class results.
+
+    With ``reference`` (the teacher of a distilled ``model``), also ``transfer``: per class, the
+    model's clean accuracy divided by the reference's on the same images (how much of what the
+    teacher knows about a class reached the student; undefined, null, where the teacher is at 0).
+    """
     import torch
 
     from ferd.attacks import autoattack_predictions, run_attack
@@ -111,6 +129,16 @@ def evaluate_model(
     summary = {name: _summary_dict(per_class[name], float((p == y).double().mean())) for name, p in preds.items()}
     images = {name: len(y) for name in preds}
     warnings = check_ordering({n: summary[n]["avg"] for n in ATTACKS})
+    if reference is not None:
+        ref_pred = run_attack(reference, x, y, name="clean", eps=eps, batch_size=cfg.batch_size,
+                              generator=torch_generator(seed, "evaluate-reference"))
+        ref_per_class = torch.as_tensor(per_class_accuracy(ref_pred, y, num_classes), dtype=torch.float64)
+        own = torch.as_tensor(per_class["clean"], dtype=torch.float64)
+        transfer = torch.where(ref_per_class > 0, own / ref_per_class.clamp_min(1e-12), torch.tensor(math.nan))
+        per_class["transfer"] = transfer
+        ref_avg = float((ref_pred == y).double().mean())
+        summary["transfer"] = _transfer_summary(transfer, summary["clean"]["avg"] / ref_avg if ref_avg > 0 else math.nan)
+        images["transfer"] = len(y)
 
     # AutoAttack and the eps sweep on a class-balanced subset; PGD/CW are compared on the same images.
     sweep: dict[float, float] = {}

@@ -15,7 +15,7 @@ from ferd.artifacts import atomic_path, load_csv, load_json, write_bytes_atomic
 from ferd.errors import ArtifactError
 
 ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20", "cw": "CW∞", "pgd_aa": "PGD-20 on the AutoAttack images",
-                 "autoattack": "AutoAttack"}
+                 "autoattack": "AutoAttack", "transfer": "transfer (student clean / teacher clean)"}
 MODEL_ORDER = ("teacher", "student")
 
 
@@ -69,8 +69,10 @@ def per_class_figure(models: list[ModelMetrics], path: str | Path) -> None:
             avg = m.summary.get(f"{attack}_avg")
             if avg is not None:
                 ax.axhline(avg, color=colors(i), linestyle="--", linewidth=1)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy")
+        # transfer is a ratio and may exceed 1 (a class the student knows better than its teacher)
+        top = max([1.0] + [v for m in models for v in m.per_class.get(attack, []) if v == v])
+        ax.set_ylim(0, top)
+        ax.set_ylabel("ratio" if attack == "transfer" else "accuracy")
         images = models[0].summary.get(f"{attack}_images")
         ax.set_title(f"{ATTACK_LABELS[attack]}" + (f" ({images} images)" if images else ""), fontsize=10, loc="left")
         ax.grid(axis="y", alpha=0.3)

@@ -44,7 +44,7 @@ def tiny_params(**sections: dict) -> dict:
             "eval_subset": 0, "eval_pgd_steps": 3,
         },
         "probe": {"per_class": 4, "steps": 3, "real_split": "test", "real_per_class": 4},
-        "reweight": {"method": "softmax", "tau": 1.0},
+        "reweight": {"method": "softmax", "signal": "teacher", "tau": 1.0},
         "fae": {
             "epochs": 4, "warmup": 1, "batch_size": 16, "steps": 3, "nz": 16, "ngf": 8, "ib_steps": 2,
             "augment_pad": 1, "shadow_width": 4, "shadow_steps": 2,

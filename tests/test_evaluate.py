@@ -114,3 +114,53 @@ def test_pgd_is_reported_on_the_autoattack_images(tmp_path, tiny_teacher):
     with open(metrics / "teacher_per_class.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert all(r["pgd_aa"] == r["pgd"] for r in rows)
+
+
+def test_transfer_of_a_model_against_itself_is_one(tmp_path, tiny_teacher):
+    """`--teacher` adds transfer (model clean / teacher clean per class): a teacher against itself transfers 1."""
+    base = tiny_params()
+    params = write_params(tmp_path / "params.yaml", tiny_params(evaluate={**base["evaluate"], "autoattack": "off",
+                                                                           "eps_sweep": []}))
+    metrics = tmp_path / "metrics"
+    result = runner.invoke(app, ["--params", str(params), "evaluate", "--name", "student", "--model", str(tiny_teacher),
+                                 "--teacher", str(tiny_teacher), "--metrics-dir", str(metrics)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((metrics / "student.json").read_text())
+    assert summary["transfer_avg"] == 1.0 and summary["transfer_images"] == summary["clean_images"]
+    with open(metrics / "student_per_class.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[-1] == "transfer"
+    assert all(r["transfer"] == ("nan" if float(r["clean"]) == 0 else "1") for r in rows)
+
+
+def test_transfer_is_the_per_class_ratio_of_clean_accuracies(tiny_teacher):
+    """A student that always answers class 0 keeps all of class 0 and none of the others."""
+    import torch
+
+    from ferd.artifacts import load_model
+    from ferd.config import params_from_mapping
+    from ferd.data import load_split
+    from ferd.evaluate import evaluate_model
+
+    params = params_from_mapping(tiny_params(evaluate={**tiny_params()["evaluate"], "autoattack": "off", "eps_sweep": []}))
+    teacher, _ = load_model(tiny_teacher)
+    test = load_split(params.data, "test")
+
+    class AlwaysZero(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            logits = torch.zeros(len(x), test.num_classes) + 0 * self.w
+            logits[:, 0] = 1.0 + 0 * x.flatten(1).sum(1)
+            return logits
+
+    result = evaluate_model(AlwaysZero().eval(), test, params.evaluate, eps=params.data.eps, seed=0, reference=teacher)
+    with torch.no_grad():
+        teacher_clean = [float((teacher(test.images()[test.y == c]).argmax(1) == c).float().mean())
+                         for c in range(test.num_classes)]
+    assert teacher_clean[0] > 0
+    assert abs(result.per_class["transfer"][0] - 1.0 / teacher_clean[0]) < 1e-9
+    assert all(result.per_class["transfer"][c] == 0.0 for c in range(1, test.num_classes) if teacher_clean[c] > 0)
+    assert result.summary["transfer"]["worst"] == 0.0
