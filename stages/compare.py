@@ -96,6 +96,11 @@ def command(
         if queue:
             typer.echo(f"{dvc} queue start -j {jobs}")
         return
+    import shutil
+
+    if shutil.which(dvc) is None:  # else a FileNotFoundError traceback from the first subprocess
+        raise FerdError(f"compare: the dvc executable {dvc!r} is not found; run `make setup` and put .venv/bin on "
+                        "PATH (make compare does), or pass --dvc PATH")
     if queue:
         run_queued(experiments, jobs=jobs, dvc=dvc, echo=console.print, poll_seconds=poll)
     elif run or jobs is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,14 +113,23 @@ def test_compare_command_reads_exp_show(tmp_path, monkeypatch):
     from stages.cli import app
 
     monkeypatch.setattr("ferd.compare.exp_show", lambda dvc="dvc", cwd=Path("."): _exp_show())
+    dvc = str(Path(sys.executable).parent / "dvc")  # the venv's, whether or not it is on PATH
     result = CliRunner().invoke(app, ["compare", "--out", str(tmp_path), "--variants", "ferd,plain",
-                                      "--setting", str(ROOT / "configs" / "compare.yaml")])
+                                      "--setting", str(ROOT / "configs" / "compare.yaml"), "--dvc", dvc])
     assert result.exit_code == 0, result.output
     assert "| ferd | 2 |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare_worst_class.png").is_file()
     dry = CliRunner().invoke(app, ["compare", "--dry-run", "--variants", "dfhl", "--seeds", "4",
                                    "--setting", str(ROOT / "configs" / "compare.yaml")])
     assert dry.exit_code == 0 and "dvc exp run -n dfhl-s4" in dry.output and "-S distill.adversary=hee" in dry.output
+
+
+def test_compare_without_dvc_is_a_one_line_error(tmp_path):
+    from stages.cli import app
+
+    result = CliRunner().invoke(app, ["compare", "--out", str(tmp_path), "--dvc", str(tmp_path / "no-such-dvc")])
+    assert result.exit_code == 1
+    assert "the dvc executable" in result.output and "not found" in result.output and "Traceback" not in result.output
 
 
 def test_compare_setting_and_every_variant_validate():
@@ -345,7 +355,8 @@ def test_dry_run_with_jobs_shows_the_queue_commands():
 
 def test_headline_overrides_apply_to_the_headline_variants_only(tmp_path):
     setting_file = tmp_path / "compare.yaml"
-    setting_file.write_text("fae: {steps: 7}\nheadline:\n  variants: [ferd, plain]\n  set: {evaluate: {autoattack_per_class: 100}}\n")
+    setting_file.write_text("fae: {steps: 7}\nheadline:\n  variants: [ferd, plain]\n"
+                            "  set: {evaluate: {autoattack_per_class: 100}}\n")
     setting = load_setting(setting_file)
     assert setting.overrides == {"fae.steps": 7} and setting.headline == ("ferd", "plain")
     exps = {e.name: e.overrides for e in plan(["ferd", "ferd-student", "plain"], [0, 1], setting)}
