@@ -264,7 +264,7 @@ def report(m: Measured, precision: str, quick: bool) -> None:
         print("  host syncs per step: not counted (CUDA only, with --steps >= 2)")
     print(f"  peak memory: {m.peak_mb:.0f} MiB ({'GPU, allocated' if m.device.startswith('cuda') else 'process RSS'})")
     print(f"  projected: {m.epochs} epochs x ({m.n_g} x synthesis + probe) + {m.epochs - m.warmup} x {m.n_s} x distill "
-          f"= {m.hours:.1f} h")
+          f"= {m.hours:.3g} h")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
           + ("; --quick: meaningless" if args.quick else "") + "):")
     for m in results:
         how = "" if m.batch == m.real_batch else f"  (batch {m.batch} scaled to {m.real_batch})"
-        print(f"  {m.preset:<32}{m.hours:>10.1f} h on {m.device}{how}")
+        print(f"  {m.preset:<32}{m.hours:>10.3g} h on {m.device}{how}")  # 3 digits: fmnist-paper is minutes
     if any(not math.isfinite(m.hours) for m in results):
         raise SystemExit("bench_paper: a measurement was not finite")
 
