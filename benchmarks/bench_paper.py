@@ -264,7 +264,14 @@ def report(m: Measured, precision: str, quick: bool) -> None:
         print("  host syncs per step: not counted (CUDA only, with --steps >= 2)")
     print(f"  peak memory: {m.peak_mb:.0f} MiB ({'GPU, allocated' if m.device.startswith('cuda') else 'process RSS'})")
     print(f"  projected: {m.epochs} epochs x ({m.n_g} x synthesis + probe) + {m.epochs - m.warmup} x {m.n_s} x distill "
-          f"= {m.hours:.3g} h")
+          f"= {_hours(m.hours)} h")
+
+
+def _hours(h: float) -> str:
+    """Hours, readable from minutes (fmnist-paper) to months (a paper preset on a CPU)."""
+    if not math.isfinite(h) or h >= 100:
+        return f"{h:.0f}"
+    return f"{h:.1f}" if h >= 1 else f"{h:.3g}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
           + ("; --quick: meaningless" if args.quick else "") + "):")
     for m in results:
         how = "" if m.batch == m.real_batch else f"  (batch {m.batch} scaled to {m.real_batch})"
-        print(f"  {m.preset:<32}{m.hours:>10.3g} h on {m.device}{how}")  # 3 digits: fmnist-paper is minutes
+        print(f"  {m.preset:<32}{_hours(m.hours):>10} h on {m.device}{how}")
     if any(not math.isfinite(m.hours) for m in results):
         raise SystemExit("bench_paper: a measurement was not finite")
 
