@@ -384,6 +384,13 @@ def _check_range(value: Any, bounds: Mapping[str, float], where: str) -> None:
             raise ConfigError(f"{where}: must be {sign} {bound}, got {value!r}")
 
 
+
+#: Keys earlier versions read, and why they are gone: an old params.yaml gets this instead of "unknown key".
+REMOVED_KEYS = {
+    "distill.holdout_per_class": "the distillation holdout is now the probe set (extra synthetic images with teacher "
+                                 "labels), never taken out of the pool",
+}
+
 def build_section(cls: type, raw: Any, where: str) -> Any:
     """Build dataclass ``cls`` from mapping ``raw`` (missing keys take defaults)."""
     if raw is None:
@@ -393,6 +400,8 @@ def build_section(cls: type, raw: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
+        if f"{where}.{key}" in REMOVED_KEYS:
+            raise ConfigError(f"'{where}.{key}' was removed: {REMOVED_KEYS[f'{where}.{key}']}; delete it from params.yaml")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{where}.{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"

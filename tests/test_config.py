@@ -79,3 +79,9 @@ def test_architecture_list_matches_registry():
     from ferd.models import list_architectures
 
     assert set(list_architectures()) == set(ARCHITECTURES)
+
+
+def test_a_removed_key_says_why_it_is_gone():
+    raw = {"distill": {"holdout_per_class": 4}}
+    with pytest.raises(ConfigError, match=r"'distill.holdout_per_class' was removed: the distillation holdout is now"):
+        params_from_mapping(raw)
