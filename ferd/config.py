@@ -384,12 +384,12 @@ def _check_range(value: Any, bounds: Mapping[str, float], where: str) -> None:
             raise ConfigError(f"{where}: must be {sign} {bound}, got {value!r}")
 
 
-
 #: Keys earlier versions read, and why they are gone: an old params.yaml gets this instead of "unknown key".
 REMOVED_KEYS = {
     "distill.holdout_per_class": "the distillation holdout is now the probe set (extra synthetic images with teacher "
                                  "labels), never taken out of the pool",
 }
+
 
 def build_section(cls: type, raw: Any, where: str) -> Any:
     """Build dataclass ``cls`` from mapping ``raw`` (missing keys take defaults)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -75,6 +76,4 @@ def _print_result(name: str, result) -> None:
 
 def _fmt(v: float | None) -> str:
     """A table cell: 3 decimals, '-' where a value is undefined (NSD of a ratio, transfer of a class the teacher misses)."""
-    import math
-
     return "-" if v is None or not math.isfinite(v) else f"{v:.3f}"
