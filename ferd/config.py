@@ -250,10 +250,13 @@ class DistillConfig:
     lambda_clean: float = rng(5 / 6, ge=0.0)
     lambda_adv: float = rng(1 / 6, ge=0.0)
     ikl_temperature: float = rng(100.0, gt=0.0)  # T2 of the IKL weights softmax(t / T2)
+    kl_temperature: float = rng(1.0, gt=0.0)  # loss kl: T^2 KL(softmax(t/T) || softmax(s/T)) (Hinton's KD; 1 = RSLAD)
     utae_init: Literal["noise", "cached"] = "noise"  # from FAE + noise (faithful) or from gen-utae's perturbation
     cached_steps: int = rng(3, ge=1)  # UTAE steps when starting from the cached perturbation
     augment_pad: int = rng(2, ge=0)
     augment_flip: bool = False
+    mix: Literal["none", "mixup", "cutmix"] = "none"  # mix pool images within a batch; the teacher labels the mixture
+    mix_fraction: float = rng(0.5, ge=0.0, le=1.0)  # share of each batch that is mixed (weights ~ U(0, 1))
 
     def __post_init__(self) -> None:
         if self.utae_init == "cached" and self.adversary != "utae":

@@ -101,8 +101,8 @@ def student_loss(
     t = teacher_logits_clean.detach()
     t_adv = t if teacher_logits_adv is None else teacher_logits_adv.detach()
     if shard is None:
-        clean = soft_label_loss(cfg.loss, t, s_clean, cfg.ikl_temperature)
-        adv = soft_label_loss(cfg.loss, t_adv, s_adv, cfg.ikl_temperature)
+        clean = soft_label_loss(cfg.loss, t, s_clean, cfg.ikl_temperature, cfg.kl_temperature)
+        adv = soft_label_loss(cfg.loss, t_adv, s_adv, cfg.ikl_temperature, cfg.kl_temperature)
     else:
         clean = _loss_share(cfg, t, s_clean, shard)
         adv = _loss_share(cfg, t_adv, s_adv, shard)
@@ -116,7 +116,7 @@ def _loss_share(cfg: DistillConfig, t: Tensor, s: Tensor, sh: distributed.Shard)
         from ferd.fae import global_ikl_share
 
         return global_ikl_share(t, s, sh, cfg.ikl_temperature)
-    return soft_label_loss(cfg.loss, t, s, cfg.ikl_temperature) * (sh.n / sh.total)
+    return soft_label_loss(cfg.loss, t, s, cfg.ikl_temperature, cfg.kl_temperature) * (sh.n / sh.total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +260,41 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def mix_batch(x: Tensor, cfg: DistillConfig, generator: torch.Generator) -> Tensor:
+    """Mix the first ``mix_fraction`` of the batch with a random partner from the batch.
+
+    ``mixup``: the convex combination λ·x + (1 − λ)·x_partner; ``cutmix``: a box of area 1 − λ of the
+    partner pasted at a random place; λ ~ U(0, 1) per image. No label is mixed: the teacher labels the
+    mixture (the student's target is T(mixed image)), so a mixture of a coat and a pullover carries the
+    teacher's own answer between the two classes. Every draw comes from ``generator`` on the batch's
+    device, vectorised (no host sync).
+    """
+    n = x.shape[0]
+    k = int(round(cfg.mix_fraction * n))
+    if k == 0 or cfg.mix == "none":
+        return x
+    dev = generator.device
+    partner = torch.randint(n, (k,), generator=generator, device=dev).to(x.device)
+    lam = torch.rand(k, generator=generator, device=dev).to(x.device, x.dtype)
+    out = x.clone()
+    if cfg.mix == "mixup":
+        w = lam[:, None, None, None]
+        out[:k] = w * x[:k] + (1 - w) * x[partner]
+        return out
+    h, w = x.shape[2:]
+    side = (1 - lam).sqrt()  # the box covers (1 - λ) of the image
+    bh, bw = (side * h).long(), (side * w).long()
+    top = (torch.rand(k, generator=generator, device=dev).to(x.device) * (h - bh + 1)).long()
+    left = (torch.rand(k, generator=generator, device=dev).to(x.device) * (w - bw + 1)).long()
+    rows = torch.arange(h, device=x.device)[None, :]
+    cols = torch.arange(w, device=x.device)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + bh)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + bw)[:, None])
+    box = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # [k, 1, h, w]
+    out[:k] = torch.where(box, x[partner], x[:k])
+    return out
+
+
 def _fits_on_device(nbytes: int, device: torch.device) -> bool:
     """Whether ``nbytes`` may live on ``device`` (always on the CPU; on CUDA: POOL_DEVICE_FRACTION of free memory)."""
     if device.type != "cuda":
@@ -339,7 +374,7 @@ def train_student(
     passes. Returns the final state.
 
     Under ``torch.distributed`` (``ferd.distributed``, more than one rank) the student trains with DDP
-    and global BatchNorm: every rank draws the global batch (indices, augmentation, UTAE start
+    and global BatchNorm: every rank draws the global batch (indices, augmentation, mixing, UTAE start
     noise) as one process would and takes its rows (:func:`ferd.distributed.shard` of
     ``cfg.batch_size``) for the teacher, the adversary and the student step; the per-epoch sums are
     reduced over the ranks once per epoch. The pool, holdout curve and snapshots are the same on
@@ -443,6 +478,8 @@ def train_student(
                     delta = rest[0] if cached else None
                 aug = augment_params(x_raw.shape[0], cfg.augment_pad, cfg.augment_flip, dev_gens["augment"])
                 x_f = apply_augment(x_raw, cfg.augment_pad, aug).to(device)
+                if cfg.mix != "none":
+                    x_f = mix_batch(x_f, cfg, dev_gens["augment"])
                 if sh is not None:  # the global batch was drawn and augmented alike on every rank: this rank's rows
                     x_f = sh.rows(x_f)
                 with torch.no_grad(), amp():

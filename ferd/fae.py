@@ -54,7 +54,7 @@ from ferd.augment import apply_augment, augment, augment_params
 from ferd.config import FaeConfig
 from ferd.distributed import Shard
 from ferd.errors import FerdError
-from ferd.losses import ikl, uniform_kl
+from ferd.losses import capped_ce, ikl, uniform_kl
 from ferd.models import build_generator, reset_generator
 from ferd.runtime import Progress, autocast, device_generator, no_progress
 
@@ -434,8 +434,7 @@ def synthesize_epoch(
             if sh is not None and l_bn is not None:
                 l_bn = l_bn / sh_world  # the global L_bn, this rank's share
             if cfg.oh_confidence < 1.0:  # class-faithful, not over-confident: no pull once p_y >= kappa
-                ce_i = (F.cross_entropy(t, y_dev, reduction="none") + math.log(cfg.oh_confidence)).clamp_min(0.0)
-                l_oh = ce_i.mean() if sh is None else share(ce_i)
+                l_oh = share(capped_ce(t, y_dev, cfg.oh_confidence))
             else:
                 l_oh = F.cross_entropy(t, y_dev) if sh is None else share(F.cross_entropy(t, y_dev, reduction="none"))
             terms = {"bn": zero if l_bn is None else l_bn, "adv": zero, "oh": l_oh, "uni": zero, "tv": zero, "l2": zero}

@@ -43,15 +43,32 @@ def ikl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 100
     return wmse + ce
 
 
-def soft_label_loss(kind: str, teacher_logits: Tensor, student_logits: Tensor, temperature: float = 100.0) -> Tensor:
-    """The student loss term selected by ``distill.loss``: ``kl``, ``ikl`` or ``ce_hard`` (DFHL, §8)."""
+def soft_label_loss(kind: str, teacher_logits: Tensor, student_logits: Tensor, temperature: float = 100.0,
+                    kl_temperature: float = 1.0) -> Tensor:
+    """The student loss term selected by ``distill.loss``: ``kl``, ``ikl`` or ``ce_hard`` (DFHL, §8).
+
+    ``kl_temperature`` T softens both sides of ``kl`` as in Hinton et al.'s distillation, scaled by T²
+    so the gradient keeps its size: T²·KL(softmax(t/T) ‖ softmax(s/T)); T = 1 is the plain KL."""
     if kind == "ce_hard":
         return hard_label_ce(teacher_logits, student_logits)
     if kind == "kl":
-        return kl_div(teacher_logits, student_logits)
+        if kl_temperature == 1.0:
+            return kl_div(teacher_logits, student_logits)
+        return kl_temperature ** 2 * kl_div(teacher_logits / kl_temperature, student_logits / kl_temperature)
     if kind == "ikl":
         return ikl(teacher_logits, student_logits, temperature)
     raise ValueError(f"unknown soft-label loss {kind!r}")
+
+
+def capped_ce(logits: Tensor, y: Tensor, confidence: float = 1.0) -> Tensor:
+    """Per-sample L_oh with a confidence cap κ (``fae.oh_confidence``, beyond the paper): max(0, CE + log κ).
+
+    CE(logits, y) = −log p_y, so the term is −log(p_y / κ) while p_y < κ and exactly 0 once p_y ≥ κ:
+    the generator is paid to make the teacher say y, not to make it certain. κ = 1 is the plain CE
+    of the paper's L_oh (§2.3).
+    """
+    ce = F.cross_entropy(logits, y, reduction="none")
+    return ce if confidence >= 1.0 else (ce + math.log(confidence)).clamp_min(0.0)
 
 
 def hard_label_ce(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
@@ -59,4 +76,4 @@ def hard_label_ce(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     return F.cross_entropy(student_logits, teacher_logits.detach().argmax(dim=1))
 
 
-__all__ = ["hard_label_ce", "ikl", "kl_div", "soft_label_loss", "uniform_kl"]
+__all__ = ["capped_ce", "hard_label_ce", "ikl", "kl_div", "soft_label_loss", "uniform_kl"]

@@ -14,6 +14,7 @@ from ferd.config import DistillConfig, UtaeConfig
 from ferd.distill import (
     LOG_COLUMNS,
     Pool,
+    mix_batch,
     student_loss,
     train_student,
 )
@@ -91,6 +92,23 @@ def test_student_loss_ikl_and_zero_at_teacher():
     assert s.grad is not None and t.grad is None
 
 
+def test_kl_temperature_softens_both_sides_and_keeps_the_gradient_scale():
+    g = torch.Generator().manual_seed(2)
+    t, s, a = (torch.randn(6, 4, generator=g) * 3 for _ in range(3))
+    plain, _ = student_loss(t, s, a, DistillConfig(kl_temperature=1.0))
+    assert torch.allclose(plain, 5 / 6 * kl_div(t, s) + 1 / 6 * kl_div(t, a), atol=1e-6)
+    hot, parts = student_loss(t, s, a, DistillConfig(kl_temperature=4.0))
+    p = torch.softmax(t / 4, 1)
+    hand = 16 * (p * (torch.log_softmax(t / 4, 1) - torch.log_softmax(s / 4, 1))).sum(1).mean()
+    assert torch.allclose(parts["loss_clean"], hand, atol=1e-5)
+    assert not torch.allclose(hot, plain)
+    # large T: T²·KL tends to the mean squared difference of the centred logits / (2C) (Hinton et al. §2.1)
+    big, parts = student_loss(t, s, a, DistillConfig(kl_temperature=1000.0))
+    dt, ds = t - t.mean(1, keepdim=True), s - s.mean(1, keepdim=True)
+    limit = ((dt - ds) ** 2).sum(1).mean() / (2 * 4)
+    assert torch.allclose(parts["loss_clean"], limit, rtol=1e-2)
+
+
 # --------------------------------------------------------------------------------------------
 # pool, holdout, augmentation
 
@@ -156,6 +174,33 @@ class _Recorder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append(bool((x > 0.6).any()))
         return self.inner(x)
+
+
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_mix_batch_mixes_the_first_fraction_with_batch_partners(mode):
+    x = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    cfg = DistillConfig(mix=mode, mix_fraction=0.6)
+    out = mix_batch(x, cfg, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.equal(out[6:], x[6:])  # 6 of 10 mixed, the rest untouched
+    assert not torch.equal(out[:6], x[:6])
+    again = mix_batch(x, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # the generator decides everything
+    for i in range(6):
+        if mode == "mixup":  # a convex combination of x_i and one partner of the batch
+            fits = [j for j in range(10) for lam in [((out[i] - x[j]).flatten() @ (x[i] - x[j]).flatten()
+                                                      / (x[i] - x[j]).pow(2).sum().clamp_min(1e-12))]
+                    if 0 <= lam <= 1 and torch.allclose(out[i], lam * x[i] + (1 - lam) * x[j], atol=1e-5)]
+            assert fits
+        else:  # every pixel from x_i or from one partner, the partner's pixels form one box
+            from_self = out[i] == x[i]
+            partners = [j for j in range(10) if torch.equal(torch.where(from_self, x[i], x[j]), out[i])]
+            assert partners
+            moved = (~from_self[0]).nonzero()
+            if len(moved):
+                r0, c0 = moved.min(0).values.tolist()
+                r1, c1 = moved.max(0).values.tolist()
+                assert int((~from_self[0]).sum()) == (r1 - r0 + 1) * (c1 - c0 + 1)
+    assert torch.equal(mix_batch(x, DistillConfig(mix=mode, mix_fraction=0.0), torch.Generator()), x)
 
 
 def test_staged_pool_grows_with_epochs_and_lr_schedule():

@@ -209,6 +209,30 @@ def test_uniformity_loss_zero_for_uniform_head_positive_otherwise():
     assert uniformity_loss(model, z, mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_capped_ce_is_zero_above_the_cap_and_shifted_ce_below():
+    from ferd.losses import capped_ce
+
+    y = torch.tensor([0, 0, 1])
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7]]))  # p_y = 0.9, 0.4, 0.7
+    plain = F.cross_entropy(logits, y, reduction="none")
+    assert torch.equal(capped_ce(logits, y), plain)  # kappa = 1: the paper's CE
+    capped = capped_ce(logits, y, 0.6)
+    assert capped[0] == 0.0 and capped[2] == 0.0  # p_y >= 0.6: no pull
+    assert capped[1] == pytest.approx(-torch.log(torch.tensor(0.4 / 0.6)).item(), abs=1e-6)
+    z = logits.clone().requires_grad_(True)
+    capped_ce(z, y, 0.6).sum().backward()
+    assert z.grad[0].abs().sum() == 0 and z.grad[1].abs().sum() > 0
+
+
+def test_oh_confidence_changes_only_the_oh_term(nets):
+    teacher, _ = nets
+    base = run_epoch(teacher, None, cfg=tiny_cfg(steps=1, lambda_uni=0.0))
+    capped = run_epoch(teacher, None, cfg=tiny_cfg(steps=1, lambda_uni=0.0, oh_confidence=1e-6))
+    # step 0's images are the same (same generator, same draws); with kappa -> 0 every image is past the cap
+    assert torch.equal(base.x, capped.x)
+    assert capped.log["oh"] == 0.0 < base.log["oh"] and capped.log["bn"] == base.log["bn"]
+
+
 # --------------------------------------------------------------------------------------------
 # synthesize_epoch
 
