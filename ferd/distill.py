@@ -478,8 +478,7 @@ def train_student(
                     delta = rest[0] if cached else None
                 aug = augment_params(x_raw.shape[0], cfg.augment_pad, cfg.augment_flip, dev_gens["augment"])
                 x_f = apply_augment(x_raw, cfg.augment_pad, aug).to(device)
-                if cfg.mix != "none":
-                    x_f = mix_batch(x_f, cfg, dev_gens["augment"])
+                x_f = mix_batch(x_f, cfg, dev_gens["augment"])  # the batch itself when distill.mix is none
                 if sh is not None:  # the global batch was drawn and augmented alike on every rank: this rank's rows
                     x_f = sh.rows(x_f)
                 with torch.no_grad(), amp():
