@@ -202,6 +202,7 @@ class FaeConfig:
     ib_beta: float = rng(0.3, ge=0.0)
     ib_threshold: Literal["global", "per-sample", "ratio"] = "global"  # the code's batch-wide max, per sample, or sigma^2 > v
     generator: Literal["fresh", "carried"] = "fresh"  # re-initialise G every epoch (paper) or carry it over (fresh z)
+    conditional: bool = False  # G(z, y) with a learned class embedding (beyond the paper); paper: G(z)
     lambda_tv: float = rng(0.0, ge=0.0)  # DeepInversion image priors: total variation
     lambda_l2: float = rng(0.0, ge=0.0)  # ... and the squared l2 norm of the centred image
     select: Literal["batch", "image"] = "batch"  # keep the lowest-loss step's batch (paper) or each image's best step

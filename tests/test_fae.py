@@ -281,6 +281,26 @@ def test_synthesize_epoch_outputs_determinism_and_frozen_teacher(nets):
     assert not torch.equal(out.x, other.x)
 
 
+def test_conditional_generator_epoch_and_carried_state(nets):
+    teacher, student = nets
+    cfg = tiny_cfg(conditional=True, lambda_uni=0.0)
+    out = run_epoch(teacher, student, cfg=cfg)
+    assert out.x.shape == (8, *SHAPE) and torch.isfinite(out.x).all()
+    assert "embed.weight" in out.gen_state and out.gen_state["embed.weight"].shape == (C, cfg.nz)
+    # the embedding is trained (it started at its seeded draw) and deterministic from the seed
+    fresh = run_epoch(teacher, student, cfg=tiny_cfg(conditional=True, lambda_uni=0.0, steps=1))
+    again = run_epoch(teacher, student, cfg=cfg)
+    assert torch.equal(out.x, again.x)
+    assert not torch.equal(out.gen_state["embed.weight"], fresh.gen_state["embed.weight"])
+    # carried over to the next epoch, and refused by an unconditional generator
+    nxt = run_epoch(teacher, student, cfg=cfg, seed=1, gen_state=out.gen_state)
+    assert nxt.gen_state["embed.weight"].shape == (C, cfg.nz)
+    with pytest.raises(RuntimeError, match="embed"):
+        run_epoch(teacher, student, cfg=tiny_cfg(lambda_uni=0.0), gen_state=out.gen_state)
+    # the unconditional epoch is untouched by the option's existence
+    assert "embed.weight" not in run_epoch(teacher, student, cfg=tiny_cfg(lambda_uni=0.0)).gen_state
+
+
 def test_synthesize_epoch_labels_from_p_and_fixed_labels(nets):
     teacher, _ = nets
     p = torch.tensor([0.0, 0.0, 1.0, 0.0])

@@ -260,6 +260,29 @@ def test_reset_generator_deterministic():
         assert float((bn.weight - 1).abs().max()) < 0.2 and float(bn.bias.abs().max()) == 0.0
 
 
+def test_conditional_generator_uses_the_label_and_needs_it():
+    gen = build_generator(nz=10, ngf=4, image_size=8, channels=1, num_classes=3)
+    reset_generator(gen, torch.Generator().manual_seed(0))
+    gen.eval()  # BN on running statistics: each row's image depends on that row only
+    z = torch.randn(1, 10).expand(3, 10)
+    out = gen(z, torch.tensor([0, 1, 2]))
+    assert out.shape == (3, 1, 8, 8)
+    # same z, different labels -> different images; same z and label -> the same image
+    assert not torch.equal(out[0], out[1]) and not torch.equal(out[1], out[2])
+    torch.testing.assert_close(gen(z[:1], torch.tensor([1])), out[1:2], rtol=0, atol=0)
+    # the embedding is drawn like z (N(0, 1)), from the seed
+    assert float(gen.embed.weight.detach().std()) == pytest.approx(1.0, rel=0.5)
+    out.sum().backward()
+    assert gen.embed.weight.grad is not None and gen.embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs labels"):
+        gen(z)
+    with pytest.raises(ValueError, match="needs labels"):
+        gen(z, torch.tensor([0, 1]))
+    # unconditional: unchanged layout (no embedding, l1 reads nz inputs) and draws
+    plain = build_generator(nz=10, ngf=4, image_size=8, channels=1)
+    assert plain.embed is None and plain.l1.in_features == 10 and gen.l1.in_features == 20
+
+
 def test_unknown_arch_suggests_closest():
     with pytest.raises(ConfigError, match="resnet18"):
         build_model("resnet-18", num_classes=10, in_channels=3, image_size=32)
