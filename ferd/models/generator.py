@@ -19,8 +19,9 @@ For sizes S not divisible by 4 the decoder produces 4*ceil(S/4) pixels and the c
 returned, so the output is always ``[B, channels, S, S]``.
 
 ``reset_generator(gen, generator)`` re-draws every weight from a ``torch.Generator`` (DCGAN init:
-conv/linear weights N(0, 0.02), BN weights N(1, 0.02), biases 0, class embeddings N(0, 1) like z) so a run is reproducible from its
-seed regardless of the global RNG state or the device the generator lives on.
+conv/linear weights N(0, 0.02), BN weights N(1, 0.02), biases 0, class embeddings N(0, 1) like z)
+so a run is reproducible from its seed regardless of the global RNG state or the device the
+generator lives on.
 """
 
 from __future__ import annotations
