@@ -358,7 +358,7 @@ def synthesize_epoch(
         student = student.to(device)
 
     gen = build_generator(nz=cfg.nz, ngf=cfg.ngf, image_size=height, channels=channels,
-                          num_classes=torch.as_tensor(p).numel() if cfg.conditional else 0)
+                          num_classes=len(p) if cfg.conditional else 0)
     reset_generator(gen, generator)
     if gen_state is not None:
         gen.load_state_dict(gen_state)
@@ -418,7 +418,7 @@ def synthesize_epoch(
         bn_loss = stack.enter_context(BNStatsLoss(teacher) if sh is None else GlobalBNStatsLoss(teacher))
         stack.enter_context(torch.enable_grad())
         for step in range(cfg.steps):
-            x = gen(z, y_dev) if cfg.conditional else gen(z)
+            x = gen(z, y_dev)  # an unconditional generator ignores the labels
             if sh is None:
                 xa = augment(x, cfg.augment_pad, cfg.augment_flip, step_generator)
             else:  # the global batch's draws, this rank's rows
