@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ferd import distributed
-from ferd.adversaries import craft_adversary, needs_teacher_on_adversary
+from ferd.adversaries import craft_adversary, craft_hee, needs_teacher_on_adversary
 from ferd.attacks import frozen_eval, run_attack
 from ferd.augment import apply_augment, augment_params
 from ferd.config import DistillConfig, UtaeConfig
@@ -68,6 +68,7 @@ LOG_COLUMNS = (
     "loss",
     "loss_clean",
     "loss_adv",
+    "loss_boundary",
     "pool_size",
     "holdout_clean_acc",
     "holdout_pgd_acc",
@@ -89,25 +90,61 @@ POOL_DEVICE_FRACTION = 0.25
 
 def student_loss(
     teacher_logits_clean: Tensor, s_clean: Tensor, s_adv: Tensor, cfg: DistillConfig, teacher_logits_adv: Tensor | None = None,
-    *, shard: distributed.Shard | None = None,
+    *, shard: distributed.Shard | None = None, boundary: tuple[Tensor, Tensor] | None = None,
+    boundary_shard: distributed.Shard | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``λ1·L(T(x_F), S(x_F)) + λ2·L(T(x_F), S(x_U))`` (§2.6); parts ``loss``, ``loss_clean``, ``loss_adv`` (detached).
+    """``λ1·L(T(x_F), S(x_F)) + λ2·L(T(x_F), S(x_U))`` (§2.6); parts ``loss``, ``loss_clean``, ``loss_adv``,
+    ``loss_boundary`` (detached).
 
     ``teacher_logits_adv`` replaces T(x_F) as the adversarial term's target (DFHL's HEEs are labelled
-    by the teacher's answer on the HEE itself, §8). ``shard`` (the batch split over ranks): the logits
+    by the teacher's answer on the HEE itself, §8). ``boundary`` = (T(x_H), S(x_H)) adds the project's
+    boundary term ``λ_b·L(T(x_H), S(x_H))`` on high-entropy examples x_H (``distill.boundary: hee``,
+    beyond the paper; its part is 0 without it). ``shard`` (the batch split over ranks): the logits
     are this rank's rows and everything returned is this rank's *share* of the global-batch value
-    (the shares of all ranks add up to it; IKL's batch-wide weight normalisation is all-reduced).
+    (the shares of all ranks add up to it; IKL's batch-wide weight normalisation is all-reduced);
+    ``boundary_shard`` is the same for the HEE rows (:func:`boundary_rows`), required with both.
     """
     t = teacher_logits_clean.detach()
     t_adv = t if teacher_logits_adv is None else teacher_logits_adv.detach()
-    if shard is None:
-        clean = soft_label_loss(cfg.loss, t, s_clean, cfg.ikl_temperature, cfg.kl_temperature)
-        adv = soft_label_loss(cfg.loss, t_adv, s_adv, cfg.ikl_temperature, cfg.kl_temperature)
-    else:
-        clean = _loss_share(cfg, t, s_clean, shard)
-        adv = _loss_share(cfg, t_adv, s_adv, shard)
+
+    def term(target: Tensor, s: Tensor, sh: distributed.Shard | None) -> Tensor:
+        if sh is None:
+            return soft_label_loss(cfg.loss, target, s, cfg.ikl_temperature, cfg.kl_temperature)
+        return _loss_share(cfg, target, s, sh)
+
+    clean = term(t, s_clean, shard)
+    adv = term(t_adv, s_adv, shard)
     loss = cfg.lambda_clean * clean + cfg.lambda_adv * adv
-    return loss, {"loss": loss.detach(), "loss_clean": clean.detach(), "loss_adv": adv.detach()}
+    bnd = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    if boundary is not None:
+        if (shard is None) != (boundary_shard is None):
+            raise ValueError("student_loss: a sharded batch needs boundary_shard for its HEE rows (and only then)")
+        bnd = term(boundary[0].detach(), boundary[1], boundary_shard)
+        loss = loss + cfg.lambda_boundary * bnd
+    return loss, {"loss": loss.detach(), "loss_clean": clean.detach(), "loss_adv": adv.detach(),
+                  "loss_boundary": bnd.detach()}
+
+
+def boundary_rows(cfg: DistillConfig, sh: distributed.Shard | None) -> tuple[int, distributed.Shard | None]:
+    """How many of this process's batch rows get a boundary HEE (``distill.boundary``; 0 when off), and the
+    shard of the global HEE batch they form.
+
+    The HEE rows are the first ``round(boundary_fraction · n)`` (at least one) of each process's ``n``
+    rows, so the global HEE batch is the concatenation of every rank's (in one process: the first rows
+    of the batch; the batch is already a uniform draw, so the first rows are a uniform subsample).
+    """
+    if cfg.boundary == "none" or cfg.lambda_boundary == 0:
+        return 0, None
+
+    def count(n: int) -> int:
+        return max(1, round(cfg.boundary_fraction * n))
+
+    if sh is None:
+        return count(cfg.batch_size), None
+    sizes = tuple(count(n) for n in sh.sizes)
+    start = sum(sizes[:distributed.rank()])
+    mine = sizes[distributed.rank()]
+    return mine, distributed.Shard(start, start + mine, sum(sizes), sizes)
 
 
 def _loss_share(cfg: DistillConfig, t: Tensor, s: Tensor, sh: distributed.Shard) -> Tensor:
@@ -399,6 +436,7 @@ def train_student(
     student_epochs = total_epochs - warmup
     sh = distributed.shard(cfg.batch_size, "distill.batch_size") if distributed.active() else None
     world = distributed.world_size()
+    bnd_rows, bnd_shard = boundary_rows(cfg, sh)
 
     student.to(device)
     teacher.to(device)
@@ -463,10 +501,11 @@ def train_student(
             dev_gens = {name: device_generator(g, device) for name, g in gens.items()}
             sample_device = dev_gens["sample"].device
             n_idx, idx = idx.numel(), idx.to(sample_device)
-            # float64 sums on the device: loss, loss_clean, loss_adv, agree, agree_adv (equal to Python-float sums)
-            sums = torch.zeros(5, dtype=torch.float64, device=device)
+            # float64 sums on the device: loss, loss_clean, loss_adv, loss_boundary, agree, agree_adv (equal to
+            # Python-float sums)
+            sums = torch.zeros(6, dtype=torch.float64, device=device)
             first_bad = torch.full((), -1, dtype=torch.long, device=device)
-            bad_parts = torch.zeros(3, dtype=torch.float64, device=device)  # loss_clean, loss_adv, loss
+            bad_parts = torch.zeros(4, dtype=torch.float64, device=device)  # loss_clean, loss_adv, loss_boundary, loss
             seen = 0
             for step in range(1, cfg.steps + 1):
                 b = idx[torch.randint(n_idx, (cfg.batch_size,), generator=dev_gens["sample"], device=sample_device)]
@@ -505,15 +544,24 @@ def train_student(
                 if needs_teacher_on_adversary(cfg.adversary):
                     with torch.no_grad(), amp():
                         t_adv = teacher(x_u).float()
+                bnd = None
+                if bnd_rows:  # distill.boundary: HEEs of this rank's first rows, labelled by the teacher on them
+                    with amp():
+                        x_h = craft_hee(student, x_f[:bnd_rows], steps=cfg.hee_steps, step_size=cfg.hee_step_size)
+                    with torch.no_grad(), amp():
+                        t_h = teacher(x_h).float()
                 net.train()
                 with amp():
                     s_clean = net(x_f).float()
                     s_adv = net(x_u).float()
-                loss, parts = student_loss(t, s_clean, s_adv, cfg, t_adv, shard=sh)
+                    if bnd_rows:
+                        bnd = (t_h, net(x_h).float())
+                loss, parts = student_loss(t, s_clean, s_adv, cfg, t_adv, shard=sh, boundary=bnd, boundary_shard=bnd_shard)
                 if sh is not None:  # DDP averages the ranks' gradients: N x the share gives the global loss's
                     loss = loss * world
                 with torch.no_grad():
-                    step_parts = torch.stack([parts["loss_clean"], parts["loss_adv"], parts["loss"]]).double()
+                    step_parts = torch.stack([parts["loss_clean"], parts["loss_adv"], parts["loss_boundary"],
+                                              parts["loss"]]).double()
                     newly_bad = ~torch.isfinite(loss) & (first_bad < 0)
                     first_bad = torch.where(newly_bad, step, first_bad)
                     bad_parts = torch.where(newly_bad, step_parts, bad_parts)
@@ -523,7 +571,7 @@ def train_student(
                 with torch.no_grad():
                     t_pred = t.argmax(dim=1)
                     t_pred_adv = t_pred if t_adv is None else t_adv.argmax(dim=1)
-                    sums += torch.stack([parts["loss"], parts["loss_clean"], parts["loss_adv"],
+                    sums += torch.stack([parts["loss"], parts["loss_clean"], parts["loss_adv"], parts["loss_boundary"],
                                          (s_clean.argmax(dim=1) == t_pred).float().sum(),
                                          (s_adv.argmax(dim=1) == t_pred_adv).float().sum()]).double()
                 seen += x_f.shape[0]
@@ -535,11 +583,11 @@ def train_student(
                 summary, seen = _global_summary(summary), cfg.steps * sh.total
             summary = summary.tolist()
             if summary[0] >= 0:
-                values = dict(zip(("loss_clean", "loss_adv", "loss"), summary[1:4], strict=True))
-                bad = next((n for n in ("loss_clean", "loss_adv") if not math.isfinite(values[n])), "loss")
+                values = dict(zip(("loss_clean", "loss_adv", "loss_boundary", "loss"), summary[1:5], strict=True))
+                bad = next((n for n in ("loss_clean", "loss_adv", "loss_boundary") if not math.isfinite(values[n])), "loss")
                 raise FerdError(f"distill: non-finite {bad} ({values[bad]}) at epoch {epoch}, step {int(summary[0])}; "
                                 "lower distill.lr or check the pool for NaN images")
-            sums = dict(zip(("loss", "loss_clean", "loss_adv", "agree", "agree_adv"), summary[4:], strict=True))
+            sums = dict(zip(("loss", "loss_clean", "loss_adv", "loss_boundary", "agree", "agree_adv"), summary[5:], strict=True))
             progress("distill", k * cfg.steps, total_steps, {"epoch": float(epoch), "loss": sums["loss"] / cfg.steps})
             scheduler.step()
 
@@ -558,6 +606,7 @@ def train_student(
                 "loss": sums["loss"] / cfg.steps,
                 "loss_clean": sums["loss_clean"] / cfg.steps,
                 "loss_adv": sums["loss_adv"] / cfg.steps,
+                "loss_boundary": sums["loss_boundary"] / cfg.steps,
                 "pool_size": float(idx.numel()),
                 "holdout_clean_acc": hold_clean,
                 "holdout_pgd_acc": hold_pgd,
@@ -582,7 +631,7 @@ def train_student(
 
 
 def _global_summary(summary: Tensor) -> Tensor:
-    """An epoch's ``[first bad step, its 3 loss parts, 5 sums]`` over all ranks: the earliest bad step
+    """An epoch's ``[first bad step, its 4 loss parts, 6 sums]`` over all ranks: the earliest bad step
     of any rank (with that rank's parts), the sums of the loss shares and of the counts."""
     rows = distributed.all_gather_stack(summary)
     bad = rows[:, 0]
@@ -590,9 +639,9 @@ def _global_summary(summary: Tensor) -> Tensor:
     hit = torch.nonzero(bad >= 0, as_tuple=False).flatten()
     if hit.numel():
         first = hit[torch.argmin(bad[hit])]
-        out[:4] = rows[first, :4]
+        out[:5] = rows[first, :5]
     else:
-        out[:4] = rows[0, :4]
+        out[:5] = rows[0, :5]
     return out
 
 

@@ -29,8 +29,8 @@ from stages._ui import (
 )
 
 SECTIONS = ("seed", "data", "fae", "probe", "reweight", "utae", "distill")
-LOG_COLUMNS = ("epoch", "lr", "loss", "loss_clean", "loss_adv", "pool_size", "holdout_clean_acc", "holdout_pgd_acc",
-               "train_agreement", "train_agreement_adv")
+LOG_COLUMNS = ("epoch", "lr", "loss", "loss_clean", "loss_adv", "loss_boundary", "pool_size", "holdout_clean_acc",
+               "holdout_pgd_acc", "train_agreement", "train_agreement_adv")
 
 
 @handles_errors

@@ -330,3 +330,68 @@ def test_student_learns_the_teacher():
     first, last = state.log[0], state.log[-1]
     assert last["loss"] < 0.5 * first["loss"], state.log  # measured: about 0.15x
     assert last["train_agreement"] >= first["train_agreement"] + 0.15, state.log  # measured: 0.48 -> 0.82..0.88
+
+
+# --------------------------------------------------------------------------------------------
+# the boundary term (distill.boundary: hee, beyond the paper)
+
+
+def test_student_loss_boundary_term_by_hand_and_zero_without_it():
+    g = torch.Generator().manual_seed(4)
+    t, s, a, th, sh_ = (torch.randn(6, 4, generator=g) for _ in range(5))
+    cfg = DistillConfig(boundary="hee", lambda_boundary=0.7)
+    base, parts0 = student_loss(t, s, a, cfg)
+    assert float(parts0["loss_boundary"]) == 0.0
+    loss, parts = student_loss(t, s, a, cfg, boundary=(th[:3], sh_[:3]))
+    assert torch.allclose(parts["loss_boundary"], kl_div(th[:3], sh_[:3]), atol=1e-6)  # labelled by T(x_H)
+    assert torch.allclose(loss, base + 0.7 * kl_div(th[:3], sh_[:3]), atol=1e-6)
+    s_h = sh_[:3].clone().requires_grad_(True)
+    loss, _ = student_loss(t, s, a, cfg, boundary=(th[:3].requires_grad_(True), s_h))
+    loss.backward()
+    assert s_h.grad is not None and th.grad is None
+
+
+def test_boundary_config_is_checked():
+    with pytest.raises(Exception, match="distill.boundary"):
+        DistillConfig(adversary="hee", boundary="hee")
+
+
+@pytest.mark.parametrize("fraction, rows", [(0.5, 8), (1.0, 16), (0.01, 1)])
+def test_boundary_term_labels_high_entropy_examples_of_the_first_rows(fraction, rows):
+    """Each step the teacher labels the batch, then ``rows`` HEEs of its first rows: images moved
+    by at most hee_steps x hee_step_size in L-inf, clipped to [0, 1], and no longer the batch images."""
+    cfg = replace(CFG, boundary="hee", boundary_fraction=fraction, hee_steps=3, hee_step_size=0.02)
+    teacher = _Keeper(_teacher())
+    _, _, state = _train(cfg=cfg, teacher=teacher, total_epochs=2, warmup=1)
+    calls = teacher.inputs
+    assert len(calls) == 2 * cfg.steps  # per step: x_F, then x_H (UTAE targets reuse T(x_F))
+    for x_f, x_h in zip(calls[0::2], calls[1::2], strict=True):
+        assert x_f.shape[0] == 16 and x_h.shape[0] == rows
+        step = (x_h - x_f[:rows]).abs().amax()
+        assert 0 < step <= 3 * 0.02 + 1e-6 and x_h.min() >= 0 and x_h.max() <= 1
+    assert all(row["loss_boundary"] > 0 for row in state.log)
+
+
+def test_boundary_off_is_the_plain_student_and_on_changes_it():
+    plain, _, s0 = _train(total_epochs=2)
+    assert all(row["loss_boundary"] == 0.0 for row in s0.log)
+    zero_weight, _, _ = _train(cfg=replace(CFG, boundary="hee", lambda_boundary=0.0), total_epochs=2)
+    on, _, _ = _train(cfg=replace(CFG, boundary="hee"), total_epochs=2)
+    on2, _, _ = _train(cfg=replace(CFG, boundary="hee"), total_epochs=2)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(zero_weight.state_dict()[k], v), k  # weight 0: no HEE is crafted, nothing changes
+        assert torch.equal(on2.state_dict()[k], on.state_dict()[k]), k  # deterministic
+    assert any(not torch.equal(on.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
+class _Keeper(nn.Module):
+    """A teacher wrapper that keeps a copy of every input it labels."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return self.inner(x)

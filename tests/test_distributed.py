@@ -300,6 +300,25 @@ def test_shards_split_the_batch_with_the_extra_rows_first(monkeypatch):
     assert distributed.shard(3, allow_empty=True).n == 0  # the last partial batch of a teacher epoch
 
 
+def test_boundary_hee_rows_form_a_shard_of_the_global_hee_batch(monkeypatch):
+    from ferd.config import DistillConfig
+    from ferd.distill import boundary_rows
+
+    half, whole = DistillConfig(batch_size=7, boundary="hee"), DistillConfig(batch_size=7, boundary="hee", boundary_fraction=1.0)
+    assert boundary_rows(DistillConfig(batch_size=7), None) == (0, None)  # off
+    assert boundary_rows(half, None) == (4, None)  # round(3.5) = 4 in one process
+    spans = []
+    for r in range(3):
+        _fake_world(monkeypatch, 3, r)
+        sh = distributed.shard(7)
+        n, bsh = boundary_rows(half, sh)
+        assert bsh.sizes == (2, 1, 1) and n == bsh.n == bsh.sizes[r]  # every rank's first rows, at least one
+        spans.append((bsh.start, bsh.stop))
+        n, bsh = boundary_rows(whole, sh)
+        assert bsh == sh and n == sh.n  # fraction 1: the HEE batch is the batch, split alike
+    assert spans == [(0, 2), (2, 3), (3, 4)]
+
+
 def test_threads_are_split_between_the_ranks_of_a_machine(monkeypatch):
     assert distributed.threads_per_rank(0, 1) == 0 and distributed.threads_per_rank(3, 1) == 3  # one rank: as given
     assert distributed.threads_per_rank(8, 2) == 4 and distributed.threads_per_rank(1, 2) == 1
