@@ -8,6 +8,9 @@ the **current student** (§2.5, :func:`ferd.utae.craft_utae`, the reference code
 
     L_stu = λ1 · L(T(x_F), S(x_F)) + λ2 · L(T(x_F), S(x_U)),   L = KL (default) or IKL/DKL
 
+plus, with ``distill.boundary: hee`` (beyond the paper, off by default), λ_b · L(T(x_H), S(x_H)) on
+high-entropy examples x_H of the first ``boundary_fraction`` of the batch (:func:`boundary_rows`).
+
 Optimisation (§2.7): SGD with momentum and weight decay; CosineAnnealingLR with T_max = total
 epochs, stepped once per epoch from epoch 1 *including the warm-up epochs* (§7 #6), so the student
 starts at the rate the schedule has after ``warmup`` steps.
