@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -89,10 +90,15 @@ def test_utae_histograms(staged):
 def test_distill_log_and_student(staged):
     model, meta = load_model(staged / "data/student/student.safetensors", produced_by="distill")
     assert meta["arch"] == "cnn" and meta["width"] == 4 and meta["source"] == "distill"
-    lines = (staged / "metrics/distill.csv").read_text().splitlines()
-    assert lines[0].startswith("epoch,lr,loss") and "p_class0" in lines[0]
-    assert [int(r.split(",")[0]) for r in lines[1:]] == [2, 3, 4]  # warm-up 1, E = 4
-    sizes = [int(r.split(",")[5]) for r in lines[1:]]
+    from ferd.distill import LOG_COLUMNS
+
+    with open(staged / "metrics/distill.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert tuple(reader.fieldnames[:len(LOG_COLUMNS)]) == LOG_COLUMNS and "p_class0" in reader.fieldnames
+    assert [int(r["epoch"]) for r in rows] == [2, 3, 4]  # warm-up 1, E = 4
+    assert all(float(r["loss_boundary"]) == 0.0 for r in rows)  # distill.boundary: none
+    sizes = [int(r["pool_size"]) for r in rows]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1], "epoch k sees the pool up to warm-up + k"
 
 
@@ -110,8 +116,8 @@ def test_interleaved_schedule(tmp_path):
     run_chain(tmp_path, params)
     arrays, attrs = load_h5(tmp_path / "data/fae/pool.h5", kind="pool")
     assert attrs["schedule"] == "interleaved" and len(arrays["y"]) == 16  # only the warm-up epoch
-    lines = (tmp_path / "metrics/distill.csv").read_text().splitlines()[1:]
-    sizes = [int(r.split(",")[5]) for r in lines]
+    with open(tmp_path / "metrics/distill.csv", newline="") as fh:
+        sizes = [int(r["pool_size"]) for r in csv.DictReader(fh)]
     # pool_size counts the training images (the whole pool: the holdout is the probe set): one batch more per epoch
     assert sizes == [32, 48, 64], sizes
 
