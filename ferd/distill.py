@@ -79,6 +79,9 @@ LOG_COLUMNS = (
     "train_agreement_adv",
 )
 
+#: The loss parts summed over an epoch's steps (and kept for the first non-finite step), in this order.
+_LOSS_PARTS = ("loss", "loss_clean", "loss_adv", "loss_boundary")
+
 #: PGD of the per-epoch holdout curve: 10 steps of eps/4 (random start from a fixed seeded generator).
 HOLDOUT_PGD_STEPS = 10
 
@@ -504,11 +507,10 @@ def train_student(
             dev_gens = {name: device_generator(g, device) for name, g in gens.items()}
             sample_device = dev_gens["sample"].device
             n_idx, idx = idx.numel(), idx.to(sample_device)
-            # float64 sums on the device: loss, loss_clean, loss_adv, loss_boundary, agree, agree_adv (equal to
-            # Python-float sums)
-            sums = torch.zeros(6, dtype=torch.float64, device=device)
+            # float64 sums on the device: the _LOSS_PARTS, agree, agree_adv (equal to Python-float sums)
+            sums = torch.zeros(len(_LOSS_PARTS) + 2, dtype=torch.float64, device=device)
             first_bad = torch.full((), -1, dtype=torch.long, device=device)
-            bad_parts = torch.zeros(4, dtype=torch.float64, device=device)  # loss_clean, loss_adv, loss_boundary, loss
+            bad_parts = torch.zeros(len(_LOSS_PARTS), dtype=torch.float64, device=device)  # the first bad step's
             seen = 0
             for step in range(1, cfg.steps + 1):
                 b = idx[torch.randint(n_idx, (cfg.batch_size,), generator=dev_gens["sample"], device=sample_device)]
@@ -563,8 +565,7 @@ def train_student(
                 if sh is not None:  # DDP averages the ranks' gradients: N x the share gives the global loss's
                     loss = loss * world
                 with torch.no_grad():
-                    step_parts = torch.stack([parts["loss_clean"], parts["loss_adv"], parts["loss_boundary"],
-                                              parts["loss"]]).double()
+                    step_parts = torch.stack([parts[n] for n in _LOSS_PARTS]).double()
                     newly_bad = ~torch.isfinite(loss) & (first_bad < 0)
                     first_bad = torch.where(newly_bad, step, first_bad)
                     bad_parts = torch.where(newly_bad, step_parts, bad_parts)
@@ -574,7 +575,7 @@ def train_student(
                 with torch.no_grad():
                     t_pred = t.argmax(dim=1)
                     t_pred_adv = t_pred if t_adv is None else t_adv.argmax(dim=1)
-                    sums += torch.stack([parts["loss"], parts["loss_clean"], parts["loss_adv"], parts["loss_boundary"],
+                    sums += torch.stack([*(parts[n] for n in _LOSS_PARTS),
                                          (s_clean.argmax(dim=1) == t_pred).float().sum(),
                                          (s_adv.argmax(dim=1) == t_pred_adv).float().sum()]).double()
                 seen += x_f.shape[0]
@@ -586,11 +587,11 @@ def train_student(
                 summary, seen = _global_summary(summary), cfg.steps * sh.total
             summary = summary.tolist()
             if summary[0] >= 0:
-                values = dict(zip(("loss_clean", "loss_adv", "loss_boundary", "loss"), summary[1:5], strict=True))
-                bad = next((n for n in ("loss_clean", "loss_adv", "loss_boundary") if not math.isfinite(values[n])), "loss")
+                values = dict(zip(_LOSS_PARTS, summary[1:1 + len(_LOSS_PARTS)], strict=True))
+                bad = next((n for n in _LOSS_PARTS[1:] if not math.isfinite(values[n])), "loss")
                 raise FerdError(f"distill: non-finite {bad} ({values[bad]}) at epoch {epoch}, step {int(summary[0])}; "
                                 "lower distill.lr or check the pool for NaN images")
-            sums = dict(zip(("loss", "loss_clean", "loss_adv", "loss_boundary", "agree", "agree_adv"), summary[5:], strict=True))
+            sums = dict(zip((*_LOSS_PARTS, "agree", "agree_adv"), summary[1 + len(_LOSS_PARTS):], strict=True))
             progress("distill", k * cfg.steps, total_steps, {"epoch": float(epoch), "loss": sums["loss"] / cfg.steps})
             scheduler.step()
 
@@ -634,17 +635,19 @@ def train_student(
 
 
 def _global_summary(summary: Tensor) -> Tensor:
-    """An epoch's ``[first bad step, its 4 loss parts, 6 sums]`` over all ranks: the earliest bad step
-    of any rank (with that rank's parts), the sums of the loss shares and of the counts."""
+    """An epoch's ``[first bad step, its _LOSS_PARTS, the sums of the _LOSS_PARTS and agreement counts]``
+    over all ranks: the earliest bad step of any rank (with that rank's parts), the sums of the loss
+    shares and of the counts."""
+    head = 1 + len(_LOSS_PARTS)  # the first bad step and its parts: taken from one rank, not summed
     rows = distributed.all_gather_stack(summary)
     bad = rows[:, 0]
     out = rows.sum(dim=0)
     hit = torch.nonzero(bad >= 0, as_tuple=False).flatten()
     if hit.numel():
         first = hit[torch.argmin(bad[hit])]
-        out[:5] = rows[first, :5]
+        out[:head] = rows[first, :head]
     else:
-        out[:5] = rows[0, :5]
+        out[:head] = rows[0, :head]
     return out
 
 

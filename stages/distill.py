@@ -29,8 +29,6 @@ from stages._ui import (
 )
 
 SECTIONS = ("seed", "data", "fae", "probe", "reweight", "utae", "distill")
-LOG_COLUMNS = ("epoch", "lr", "loss", "loss_clean", "loss_adv", "loss_boundary", "pool_size", "holdout_clean_acc",
-               "holdout_pgd_acc", "train_agreement", "train_agreement_adv")
 
 
 @handles_errors
@@ -49,7 +47,7 @@ def command(
 
     from ferd.artifacts import load_h5, model_meta, save_csv, save_model
     from ferd.config import as_dict
-    from ferd.distill import run_distill
+    from ferd.distill import LOG_COLUMNS, run_distill
     from ferd.errors import ArtifactError
 
     params = load_stage_params(ctx, SECTIONS)
