@@ -261,6 +261,7 @@ class DistillConfig:
     boundary: Literal["none", "hee"] = "none"  # beyond the paper: a third term on high-entropy examples (DFHL's HEEs)
     lambda_boundary: float = rng(0.5, ge=0.0)  # its weight, labelled by the teacher on the HEE itself
     boundary_fraction: float = rng(0.5, gt=0.0, le=1.0)  # share of each batch that gets an HEE (cost: hee_steps passes)
+    boundary_from_epoch: int = rng(1, ge=1)  # first distillation epoch (1-based) with the term; earlier ones are plain
 
     def __post_init__(self) -> None:
         if self.utae_init == "cached" and self.adversary != "utae":

@@ -9,7 +9,8 @@ the **current student** (§2.5, :func:`ferd.utae.craft_utae`, the reference code
     L_stu = λ1 · L(T(x_F), S(x_F)) + λ2 · L(T(x_F), S(x_U)),   L = KL (default) or IKL/DKL
 
 plus, with ``distill.boundary: hee`` (beyond the paper, off by default), λ_b · L(T(x_H), S(x_H)) on
-high-entropy examples x_H of the first ``boundary_fraction`` of the batch (:func:`boundary_rows`).
+high-entropy examples x_H of the first ``boundary_fraction`` of the batch (:func:`boundary_rows`), from
+distillation epoch ``boundary_from_epoch`` on.
 
 Optimisation (§2.7): SGD with momentum and weight decay; CosineAnnealingLR with T_max = total
 epochs, stepped once per epoch from epoch 1 *including the warm-up epochs* (§7 #6), so the student
@@ -443,6 +444,9 @@ def train_student(
     sh = distributed.shard(cfg.batch_size, "distill.batch_size") if distributed.active() else None
     world = distributed.world_size()
     bnd_rows, bnd_shard = boundary_rows(cfg, sh)
+    if bnd_rows and cfg.boundary_from_epoch > student_epochs:
+        raise FerdError(f"distill.boundary_from_epoch {cfg.boundary_from_epoch} is after the last distillation epoch "
+                        f"({student_epochs}); lower it or set distill.boundary: none")
 
     student.to(device)
     teacher.to(device)
@@ -499,6 +503,7 @@ def train_student(
                 pool = pool.append(xs, ys.cpu(), epoch, reserve=(student_epochs - k + 1) * xs.shape[0])
                 if not resident:
                     gather.sources[0] = pool.x
+            bnd_on = bnd_rows > 0 and k >= cfg.boundary_from_epoch  # distill.boundary_from_epoch: plain before it
             idx = torch.nonzero(pool.epoch <= epoch, as_tuple=False).flatten()
             if idx.numel() == 0:
                 raise FerdError(f"distill: epoch {epoch} has no training images (pool epochs <= {epoch})")
@@ -550,7 +555,7 @@ def train_student(
                     with torch.no_grad(), amp():
                         t_adv = teacher(x_u).float()
                 bnd = None
-                if bnd_rows:  # distill.boundary: HEEs of this rank's first rows, labelled by the teacher on them
+                if bnd_on:  # distill.boundary: HEEs of this rank's first rows, labelled by the teacher on them
                     with amp():
                         x_h = craft_hee(student, x_f[:bnd_rows], steps=cfg.hee_steps, step_size=cfg.hee_step_size)
                     with torch.no_grad(), amp():
@@ -559,7 +564,7 @@ def train_student(
                 with amp():
                     s_clean = net(x_f).float()
                     s_adv = net(x_u).float()
-                    if bnd_rows:
+                    if bnd_on:
                         bnd = (t_h, net(x_h).float())
                 loss, parts = student_loss(t, s_clean, s_adv, cfg, t_adv, shard=sh, boundary=bnd, boundary_shard=bnd_shard)
                 if sh is not None:  # DDP averages the ranks' gradients: N x the share gives the global loss's

@@ -384,6 +384,17 @@ def test_boundary_off_is_the_plain_student_and_on_changes_it():
     assert any(not torch.equal(on.state_dict()[k], v) for k, v in plain.state_dict().items())
 
 
+def test_boundary_from_epoch_leaves_the_earlier_epochs_plain():
+    """``boundary_from_epoch`` 2: epoch 1 crafts no HEE (the teacher labels x_F only) and logs 0, epoch 2 has the term."""
+    cfg = replace(CFG, boundary="hee", boundary_from_epoch=2, hee_steps=2, hee_step_size=0.02)
+    teacher = _Keeper(_teacher())
+    _, _, state = _train(cfg=cfg, teacher=teacher, total_epochs=3, warmup=1)  # two distillation epochs
+    assert len(teacher.inputs) == cfg.steps + 2 * cfg.steps
+    assert [row["loss_boundary"] > 0 for row in state.log] == [False, True]
+    with pytest.raises(FerdError, match="distill.boundary_from_epoch 3 is after the last distillation epoch"):
+        _train(cfg=replace(cfg, boundary_from_epoch=3), total_epochs=3, warmup=1)
+
+
 class _Keeper(nn.Module):
     """A teacher wrapper that keeps a copy of every input it labels."""
 
