@@ -246,7 +246,7 @@ class DistillConfig:
     weight_decay: float = rng(5e-4, ge=0.0)
     loss: Literal["kl", "ikl", "ce_hard"] = "kl"  # KL form (project default), the full IKL/DKL, or DFHL's hard-label CE
     adversary: Literal["utae", "pgd", "hee"] = "utae"  # UTAE (FERD), plain PGD (DFKD baselines), HEE (DFHL); §8
-    hee_steps: int = rng(10, ge=1)  # DFHL's high-entropy examples: signed steps of hee_step_size, no eps-ball
+    hee_steps: int = rng(10, ge=1)  # adversary hee (DFHL's high-entropy examples): signed steps of hee_step_size, no eps-ball
     hee_step_size: float = rng(0.03, gt=0.0)
     lambda_clean: float = rng(5 / 6, ge=0.0)
     lambda_adv: float = rng(1 / 6, ge=0.0)
@@ -260,7 +260,9 @@ class DistillConfig:
     mix_fraction: float = rng(0.5, ge=0.0, le=1.0)  # share of each batch that is mixed (weights ~ U(0, 1))
     boundary: Literal["none", "hee"] = "none"  # beyond the paper: a third term on high-entropy examples (DFHL's HEEs)
     lambda_boundary: float = rng(0.5, ge=0.0)  # its weight, labelled by the teacher on the HEE itself
-    boundary_fraction: float = rng(0.5, gt=0.0, le=1.0)  # share of each batch that gets an HEE (cost: hee_steps passes)
+    boundary_fraction: float = rng(0.5, gt=0.0, le=1.0)  # share of each batch that gets an HEE (cost: boundary_steps passes)
+    boundary_steps: int = rng(3, ge=1)  # the boundary HEEs' signed steps (of boundary_step_size x eps)
+    boundary_step_size: float = rng(0.3, gt=0.0)  # x eps, like utae.step_size (3 x 0.3 eps: inside the eps-ball)
     boundary_from_epoch: int = rng(1, ge=1)  # first distillation epoch (1-based) with the term; earlier ones are plain
 
     def __post_init__(self) -> None:

@@ -557,7 +557,8 @@ def train_student(
                 bnd = None
                 if bnd_on:  # distill.boundary: HEEs of this rank's first rows, labelled by the teacher on them
                     with amp():
-                        x_h = craft_hee(student, x_f[:bnd_rows], steps=cfg.hee_steps, step_size=cfg.hee_step_size)
+                        x_h = craft_hee(student, x_f[:bnd_rows], steps=cfg.boundary_steps,
+                                        step_size=cfg.boundary_step_size * eps)
                     with torch.no_grad(), amp():
                         t_h = teacher(x_h).float()
                 net.train()

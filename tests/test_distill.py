@@ -359,8 +359,9 @@ def test_boundary_config_is_checked():
 @pytest.mark.parametrize("fraction, rows", [(0.5, 8), (1.0, 16), (0.01, 1)])
 def test_boundary_term_labels_high_entropy_examples_of_the_first_rows(fraction, rows):
     """Each step the teacher labels the batch, then ``rows`` HEEs of its first rows: images moved
-    by at most hee_steps x hee_step_size in L-inf, clipped to [0, 1], and no longer the batch images."""
-    cfg = replace(CFG, boundary="hee", boundary_fraction=fraction, hee_steps=3, hee_step_size=0.02)
+    by at most boundary_steps x boundary_step_size x eps in L-inf, clipped to [0, 1], and no longer the batch images."""
+    cfg = replace(CFG, boundary="hee", boundary_fraction=fraction, boundary_steps=3, boundary_step_size=0.2,
+                  hee_steps=7, hee_step_size=0.5)  # the adversary's HEE keys do not apply to the boundary term
     teacher = _Keeper(_teacher())
     _, _, state = _train(cfg=cfg, teacher=teacher, total_epochs=2, warmup=1)
     calls = teacher.inputs
@@ -368,7 +369,7 @@ def test_boundary_term_labels_high_entropy_examples_of_the_first_rows(fraction, 
     for x_f, x_h in zip(calls[0::2], calls[1::2], strict=True):
         assert x_f.shape[0] == 16 and x_h.shape[0] == rows
         step = (x_h - x_f[:rows]).abs().amax()
-        assert 0 < step <= 3 * 0.02 + 1e-6 and x_h.min() >= 0 and x_h.max() <= 1
+        assert 0 < step <= 3 * 0.2 * EPS + 1e-6 and x_h.min() >= 0 and x_h.max() <= 1
     assert all(row["loss_boundary"] > 0 for row in state.log)
 
 
@@ -386,7 +387,7 @@ def test_boundary_off_is_the_plain_student_and_on_changes_it():
 
 def test_boundary_from_epoch_leaves_the_earlier_epochs_plain():
     """``boundary_from_epoch`` 2: epoch 1 crafts no HEE (the teacher labels x_F only) and logs 0, epoch 2 has the term."""
-    cfg = replace(CFG, boundary="hee", boundary_from_epoch=2, hee_steps=2, hee_step_size=0.02)
+    cfg = replace(CFG, boundary="hee", boundary_from_epoch=2, boundary_steps=2)
     teacher = _Keeper(_teacher())
     _, _, state = _train(cfg=cfg, teacher=teacher, total_epochs=3, warmup=1)  # two distillation epochs
     assert len(teacher.inputs) == cfg.steps + 2 * cfg.steps
