@@ -157,6 +157,7 @@ def test_presets_load_and_validate():
         # every preset is the paper's method: its synthesis and reweighting switches are spelled out
         assert merged["fae"]["generator"] == "fresh" and merged["fae"]["ib_threshold"] == "global", name
         assert merged["fae"]["lambda_oh"] == 1.0 and merged["reweight"]["signal"] == "teacher", name
+        assert merged["distill"]["boundary"] == "none", name  # and its distillation: no boundary term
     with pytest.raises(ConfigError, match="unknown preset"):
         merged_params("compare", ROOT / "params.yaml", ROOT / "configs")
 

@@ -30,21 +30,21 @@ def test_every_variant_sets_every_switch():
 
 
 @pytest.mark.parametrize(
-    ("name", "method", "lambda_uni", "gamma", "adversary", "loss"),
+    ("name", "method", "lambda_uni", "gamma", "adversary", "loss", "boundary"),
     [
-        ("ferd", "softmax", 5.0, 0.3, "utae", "kl"),
-        ("no-reweight", "uniform", 5.0, 0.3, "utae", "kl"),
-        ("no-fae-uni", "softmax", 0.0, 0.3, "utae", "kl"),
-        ("no-utae-gamma", "softmax", 5.0, 0.0, "utae", "kl"),
-        ("plain", "uniform", 0.0, 0.0, "utae", "kl"),
-        ("dfhl", "uniform", 0.0, 0.0, "hee", "ce_hard"),
-        ("dfkd-rslad", "uniform", 0.0, 0.0, "pgd", "kl"),
+        ("ferd", "softmax", 5.0, 0.3, "utae", "kl", "hee"),
+        ("no-reweight", "uniform", 5.0, 0.3, "utae", "kl", "hee"),
+        ("no-fae-uni", "softmax", 0.0, 0.3, "utae", "kl", "hee"),
+        ("no-utae-gamma", "softmax", 5.0, 0.0, "utae", "kl", "hee"),
+        ("plain", "uniform", 0.0, 0.0, "utae", "kl", "hee"),
+        ("dfhl", "uniform", 0.0, 0.0, "hee", "ce_hard", "none"),  # the published baselines: no boundary term
+        ("dfkd-rslad", "uniform", 0.0, 0.0, "pgd", "kl", "none"),
     ],
 )
-def test_variant_resolves_to_the_intended_configuration(name, method, lambda_uni, gamma, adversary, loss):
+def test_variant_resolves_to_the_intended_configuration(name, method, lambda_uni, gamma, adversary, loss, boundary):
     p = _resolved(name)
-    assert (p.reweight.method, p.fae.lambda_uni, p.utae.gamma, p.distill.adversary, p.distill.loss) == (
-        method, lambda_uni, gamma, adversary, loss)
+    assert (p.reweight.method, p.fae.lambda_uni, p.utae.gamma, p.distill.adversary, p.distill.loss,
+            p.distill.boundary) == (method, lambda_uni, gamma, adversary, loss, boundary)
     # everything else is the shared setting: the RSLAD weights 5/6, 1/6 and the budget
     assert p.distill.lambda_clean == pytest.approx(5 / 6, abs=1e-6)
     assert p.distill.lambda_adv == pytest.approx(1 / 6, abs=1e-6)
