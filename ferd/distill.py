@@ -8,7 +8,7 @@ the **current student** (§2.5, :func:`ferd.utae.craft_utae`, the reference code
 
     L_stu = λ1 · L(T(x_F), S(x_F)) + λ2 · L(T(x_F), S(x_U)),   L = KL (default) or IKL/DKL
 
-plus, with ``distill.boundary: hee`` (beyond the paper, off by default), λ_b · L(T(x_H), S(x_H)) on
+plus, with ``distill.boundary: hee`` (beyond the paper; params.yaml's default), λ_b · L(T(x_H), S(x_H)) on
 high-entropy examples x_H of the first ``boundary_fraction`` of the batch (:func:`boundary_rows`), from
 distillation epoch ``boundary_from_epoch`` on.
 
