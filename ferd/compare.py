@@ -481,6 +481,27 @@ def queue_status(text: str) -> tuple[dict[str, str], tuple[int, int] | None]:
     return tasks, ((int(m[1]), int(m[2])) if m else None)
 
 
+def missing_keys(path: Path, experiments: list[Experiment]) -> list[str]:
+    """The experiments' override keys that ``path`` (params.yaml) lacks, sorted.
+
+    ``dvc exp run -S key=value`` only changes keys that exist (Hydra's override grammar), so an
+    older params.yaml without a newer switch (e.g. ``distill.boundary``) fails inside DVC with a
+    cryptic message; the comparison checks first.
+    """
+    from ferd.config import yaml_load
+
+    data = yaml_load(path.read_text()) or {}
+    missing = set()
+    for key in {k for exp in experiments for k in exp.overrides}:
+        node: Any = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.add(key)
+                break
+            node = node[part]
+    return sorted(missing)
+
+
 def _params_with(path: Path, overrides: dict[str, Any]) -> str:
     """params.yaml's text with dotted ``overrides`` applied (comments are lost: the file is restored afterwards)."""
     import yaml

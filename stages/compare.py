@@ -72,6 +72,7 @@ def command(
         fmt,
         load_setting,
         markdown_table,
+        missing_keys,
         plan,
         records_from_exp_show,
         run_experiments,
@@ -101,6 +102,11 @@ def command(
     if shutil.which(dvc) is None:  # else a FileNotFoundError traceback from the first subprocess
         raise FerdError(f"compare: the dvc executable {dvc!r} is not found; run `make setup` and put .venv/bin on "
                         "PATH (make compare does), or pass --dvc PATH")
+    if queue or run or jobs is not None:
+        missing = missing_keys(Path("params.yaml"), experiments)
+        if missing:
+            raise FerdError(f"compare: params.yaml has no {', '.join(missing)}; `dvc exp run -S` only changes keys "
+                            "that exist, so add them (this version's params.yaml lists every key)")
     if queue:
         run_queued(experiments, jobs=jobs, dvc=dvc, echo=console.print, poll_seconds=poll)
     elif run or jobs is not None:

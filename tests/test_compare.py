@@ -132,6 +132,26 @@ def test_compare_without_dvc_is_a_one_line_error(tmp_path):
     assert "the dvc executable" in result.output and "not found" in result.output and "Traceback" not in result.output
 
 
+def test_compare_refuses_a_params_file_without_a_switch(tmp_path, monkeypatch):
+    """`dvc exp run -S` cannot add keys: an older params.yaml without distill.boundary is a one-line error
+    before anything runs, and the repository's params.yaml has every key every variant sets."""
+    import yaml
+
+    from ferd.compare import missing_keys
+    from stages.cli import app
+
+    assert missing_keys(ROOT / "params.yaml", plan(list(VARIANTS), [0, 1], load_setting(ROOT / "configs" / "compare.yaml"))) == []
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw["distill"]["boundary"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    result = CliRunner().invoke(app, ["compare", "--run", "--variants", "ferd", "--seeds", "0",
+                                      "--setting", str(ROOT / "configs" / "compare.yaml"), "--dvc", dvc])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "params.yaml has no distill.boundary" in result.output
+
+
 def test_compare_setting_and_every_variant_validate():
     import yaml
 

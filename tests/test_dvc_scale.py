@@ -49,7 +49,7 @@ def baseline(tmp_path_factory) -> Path:
     for pkg in ("ferd", "stages"):
         shutil.copytree(REPO / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     params = tiny_params(evaluate={"autoattack": "off"}, probe={"real_split": "none"}, fae={"lambda_uni": 5.0},
-                         distill={"adversary": "utae", "loss": "kl"})  # -S needs every variant switch spelled out
+                         distill={"adversary": "utae", "loss": "kl", "boundary": "none"})  # -S needs every switch spelled out
     write_params(repo / "params.yaml", params)
     (repo / "configs").mkdir()
     (repo / "configs" / "compare.yaml").write_text("distill: {steps: 2}\n")

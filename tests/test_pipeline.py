@@ -117,7 +117,7 @@ def test_compare_runs_dvc_experiments_and_tabulates(dvc_repo: Path):
     """`ferd compare --run` on the tiny setting: two variants as workspace dvc experiments, the
     teacher trained once, the table read back from `dvc exp show`, the workspace left as committed."""
     params = tiny_params(fae={**tiny_params()["fae"], "lambda_uni": 5.0},
-                         distill={**tiny_params()["distill"], "adversary": "utae", "loss": "kl"})
+                         distill={**tiny_params()["distill"], "adversary": "utae", "loss": "kl", "boundary": "none"})
     write_params(dvc_repo / "params.yaml", params)  # -S needs every switch spelled out
     (dvc_repo / "configs").mkdir()
     (dvc_repo / "configs" / "compare.yaml").write_text("distill: {steps: 2}\n")
