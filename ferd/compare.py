@@ -488,9 +488,9 @@ def missing_keys(path: Path, experiments: list[Experiment]) -> list[str]:
     older params.yaml without a newer switch (e.g. ``distill.boundary``) fails inside DVC with a
     cryptic message; the comparison checks first.
     """
-    from ferd.config import yaml_load
+    from ferd.config import read_params_mapping
 
-    data = yaml_load(path.read_text()) or {}
+    data = read_params_mapping(path)
     missing = set()
     for key in {k for exp in experiments for k in exp.overrides}:
         node: Any = data

@@ -459,19 +459,24 @@ def yaml_load(text: str) -> Any:
         loader.dispose()
 
 
-def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
-    """Read and validate ``path``; ``overrides`` maps dotted keys to values (``teacher.width: 8``)."""
+def read_params_mapping(path: str | Path) -> dict[str, Any]:
+    """``path``'s YAML as a plain mapping, not yet validated; a one-line ConfigError if it is missing or not YAML."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: params file not found; run from the repository root or pass --params PATH")
     try:
-        raw = yaml_load(p.read_text()) or {}
+        return yaml_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{p}: not valid YAML{at}; fix the syntax") from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read and validate ``path``; ``overrides`` maps dotted keys to values (``teacher.width: 8``)."""
+    raw = read_params_mapping(path)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
