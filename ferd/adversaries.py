@@ -27,7 +27,11 @@ from torch import Tensor, nn
 from ferd.attacks import frozen_eval, pgd
 from ferd.utae import craft_utae
 
-__all__ = ["craft_adversary", "craft_hee", "needs_teacher_on_adversary", "prediction_entropy"]
+__all__ = ["BOUNDARY_KINDS", "craft_adversary", "craft_boundary", "craft_hee", "needs_teacher_on_adversary",
+           "prediction_entropy"]
+
+#: ``distill.boundary`` values that craft examples (beyond the paper; ``none`` turns the term off).
+BOUNDARY_KINDS = ("hee", "hee_teacher", "disagree")
 
 
 def prediction_entropy(logits: Tensor) -> Tensor:
@@ -36,18 +40,53 @@ def prediction_entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(dim=1)
 
 
+def _signed_ascent(objective: Any, x: Tensor, *, steps: int, step_size: float) -> Tensor:
+    """``steps`` signed-gradient ascent steps of ``objective(x).sum()``, clipped to [0, 1] (no ε-ball)."""
+    x_h = x.detach().clone()
+    for _ in range(steps):
+        x_h.requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(objective(x_h).sum(), [x_h])
+        x_h = (x_h.detach() + step_size * grad.sign()).clamp_(0.0, 1.0)
+    return x_h.detach()
+
+
 def craft_hee(model: nn.Module, x: Tensor, *, steps: int, step_size: float) -> Tensor:
     """DFHL's High-Entropy Examples: ``x ← clip(x + step_size · sign(∇_x H(softmax(model(x)))), 0, 1)``."""
     if steps < 0 or not step_size > 0:
         raise ValueError(f"craft_hee: need steps >= 0 and step_size > 0 (got {steps}, {step_size})")
-    x_h = x.detach().clone()
     with frozen_eval(model):
-        for _ in range(steps):
-            x_h.requires_grad_(True)
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(prediction_entropy(model(x_h).float()).sum(), [x_h])
-            x_h = (x_h.detach() + step_size * grad.sign()).clamp_(0.0, 1.0)
-    return x_h.detach()
+        return _signed_ascent(lambda x_h: prediction_entropy(model(x_h).float()), x, steps=steps, step_size=step_size)
+
+
+def craft_boundary(kind: str, student: nn.Module, teacher: nn.Module, x: Tensor, *, steps: int,
+                   step_size: float) -> Tensor:
+    """The boundary term's examples x_H (``distill.boundary``, beyond the paper), by signed ascent from ``x``:
+
+    - ``hee``: DFHL's high-entropy examples of the **student** (:func:`craft_hee`), where the student is
+      unsure;
+    - ``hee_teacher``: high-entropy examples of the **teacher**, ``H(softmax(T(x)))``: the teacher's own
+      class boundaries (shirt / T-shirt / pullover / coat on Fashion-MNIST), whatever the student thinks;
+    - ``disagree``: the teacher–student discrepancy ``KL(softmax(T(x)) ‖ softmax(S(x)))``, the hard
+      samples of data-free adversarial distillation (DFAD, Fang et al. 2019), aimed at wherever the
+      student departs from the teacher.
+
+    Both networks are frozen in eval mode (restored afterwards); ``steps · step_size`` bounds the move.
+    """
+    if steps < 0 or not step_size > 0:
+        raise ValueError(f"craft_boundary: need steps >= 0 and step_size > 0 (got {steps}, {step_size})")
+    if kind == "hee":
+        return craft_hee(student, x, steps=steps, step_size=step_size)
+    if kind == "hee_teacher":
+        return craft_hee(teacher, x, steps=steps, step_size=step_size)
+    if kind == "disagree":
+        def discrepancy(x_h: Tensor) -> Tensor:
+            log_t = F.log_softmax(teacher(x_h).float(), dim=1)
+            log_s = F.log_softmax(student(x_h).float(), dim=1)
+            return (log_t.exp() * (log_t - log_s)).sum(dim=1)
+        with frozen_eval(student), frozen_eval(teacher):
+            return _signed_ascent(discrepancy, x, steps=steps, step_size=step_size)
+    raise ValueError(f"craft_boundary: unknown kind {kind!r} (expected one of {BOUNDARY_KINDS})")
 
 
 def needs_teacher_on_adversary(adversary: str) -> bool:

@@ -258,7 +258,9 @@ class DistillConfig:
     augment_flip: bool = False
     mix: Literal["none", "mixup", "cutmix"] = "none"  # mix pool images within a batch; the teacher labels the mixture
     mix_fraction: float = rng(0.5, ge=0.0, le=1.0)  # share of each batch that is mixed (weights ~ U(0, 1))
-    boundary: Literal["none", "hee"] = "none"  # beyond the paper: a third term on high-entropy examples (DFHL's HEEs)
+    # beyond the paper: a third term on examples near a class boundary, by signed ascent from x_F (ferd.adversaries.
+    # craft_boundary): hee = the student's entropy (DFHL's HEEs), hee_teacher = the teacher's, disagree = KL(T || S)
+    boundary: Literal["none", "hee", "hee_teacher", "disagree"] = "none"
     lambda_boundary: float = rng(0.5, ge=0.0)  # its weight, labelled by the teacher on the HEE itself
     boundary_fraction: float = rng(0.5, gt=0.0, le=1.0)  # share of each batch that gets an HEE (cost: boundary_steps passes)
     boundary_steps: int = rng(3, ge=1)  # the boundary HEEs' signed steps (of boundary_step_size x eps)
@@ -269,7 +271,7 @@ class DistillConfig:
         if self.utae_init == "cached" and self.adversary != "utae":
             raise ConfigError(f"distill.utae_init: 'cached' starts from gen-utae's UTAEs, which distill.adversary "
                               f"{self.adversary!r} does not use; set distill.utae_init: noise")
-        if self.boundary != "none" and self.adversary == "hee":
+        if self.boundary == "hee" and self.adversary == "hee":
             raise ConfigError("distill.boundary: the adversarial term already uses high-entropy examples "
                               "(distill.adversary: hee); set distill.boundary: none")
 

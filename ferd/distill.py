@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ferd import distributed
-from ferd.adversaries import craft_adversary, craft_hee, needs_teacher_on_adversary
+from ferd.adversaries import craft_adversary, craft_boundary, needs_teacher_on_adversary
 from ferd.attacks import frozen_eval, run_attack
 from ferd.augment import apply_augment, augment_params
 from ferd.config import DistillConfig, UtaeConfig
@@ -557,8 +557,8 @@ def train_student(
                 bnd = None
                 if bnd_on:  # distill.boundary: HEEs of this rank's first rows, labelled by the teacher on them
                     with amp():
-                        x_h = craft_hee(student, x_f[:bnd_rows], steps=cfg.boundary_steps,
-                                        step_size=cfg.boundary_step_size * eps)
+                        x_h = craft_boundary(cfg.boundary, student, teacher, x_f[:bnd_rows], steps=cfg.boundary_steps,
+                                             step_size=cfg.boundary_step_size * eps)
                     with torch.no_grad(), amp():
                         t_h = teacher(x_h).float()
                 net.train()
