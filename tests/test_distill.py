@@ -396,6 +396,26 @@ def test_boundary_from_epoch_leaves_the_earlier_epochs_plain():
         _train(cfg=replace(cfg, boundary_from_epoch=3), total_epochs=3, warmup=1)
 
 
+@pytest.mark.parametrize("kind", ["hee_teacher", "disagree"])
+def test_boundary_kinds_that_ask_the_teacher_craft_through_it(kind):
+    """``hee_teacher`` and ``disagree`` climb an objective of the teacher's output: per step the teacher sees
+    x_F, then one input per ascent step (boundary_steps), then labels x_H; the student changes, deterministically."""
+    cfg = replace(CFG, boundary=kind, boundary_steps=2, boundary_step_size=0.2)
+    teacher = _Keeper(_teacher())
+    on, _, state = _train(cfg=cfg, teacher=teacher, total_epochs=2, warmup=1)
+    assert len(teacher.inputs) == cfg.steps * (1 + 2 + 1)
+    first = teacher.inputs[:4]
+    assert torch.equal(first[1], first[0][: first[1].shape[0]])  # the ascent starts at x_F
+    step = (first[3] - first[0][: first[3].shape[0]]).abs().amax()
+    assert 0 < step <= 2 * 0.2 * EPS + 1e-6
+    assert all(row["loss_boundary"] > 0 for row in state.log)
+    again, _, _ = _train(cfg=cfg, total_epochs=2, warmup=1)
+    plain, _, _ = _train(total_epochs=2, warmup=1)
+    for k, v in on.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    assert any(not torch.equal(on.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
 class _Keeper(nn.Module):
     """A teacher wrapper that keeps a copy of every input it labels."""
 

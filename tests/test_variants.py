@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ferd.adversaries import craft_adversary, craft_hee, prediction_entropy
+from ferd.adversaries import craft_adversary, craft_boundary, craft_hee, prediction_entropy
 from ferd.config import DistillConfig, UtaeConfig, load_params
 from ferd.errors import ConfigError
 from ferd.losses import soft_label_loss
@@ -93,6 +93,47 @@ def test_hee_raises_entropy_leaves_the_ball_and_stays_in_range():
     assert 0.0 <= float(x_h.min()) and float(x_h.max()) <= 1.0
     assert float((x_h - x).abs().max()) > 0.1  # DFHL: no eps-ball (10 x 0.03 can reach 0.3)
     assert not net.training
+
+
+def _kl(t_logits, s_logits):
+    log_t, log_s = F.log_softmax(t_logits, 1), F.log_softmax(s_logits, 1)
+    return (log_t.exp() * (log_t - log_s)).sum(1)
+
+
+def test_boundary_hee_teacher_climbs_the_teachers_entropy_whatever_the_student():
+    teacher = _student().train()
+    torch.manual_seed(5)
+    s1 = build_model("cnn", width=4, num_classes=4, in_channels=1, image_size=16)
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    x_h = craft_boundary("hee_teacher", s1, teacher, x, steps=3, step_size=0.02)
+    assert teacher.training  # frozen in eval mode for the ascent, then restored
+    assert torch.equal(x_h, craft_boundary("hee_teacher", _student(), teacher, x, steps=3, step_size=0.02))
+    teacher.eval()
+    with torch.no_grad():
+        assert prediction_entropy(teacher(x_h)).mean() > prediction_entropy(teacher(x)).mean()
+    assert 0 < float((x_h - x).abs().max()) <= 3 * 0.02 + 1e-6
+
+
+def test_boundary_disagree_climbs_the_teacher_student_kl_and_rests_where_they_agree():
+    teacher = _student()
+    torch.manual_seed(5)
+    student = build_model("cnn", width=4, num_classes=4, in_channels=1, image_size=16).eval()
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    x_h = craft_boundary("disagree", student, teacher, x, steps=3, step_size=0.02)
+    with torch.no_grad():
+        assert _kl(teacher(x_h), student(x_h)).mean() > _kl(teacher(x), student(x)).mean()
+    assert 0 < float((x_h - x).abs().max()) <= 3 * 0.02 + 1e-6
+    # a student identical to the teacher has nothing to disagree on: a zero gradient, no move
+    assert torch.equal(craft_boundary("disagree", _student(), teacher, x, steps=3, step_size=0.02), x)
+
+
+def test_boundary_kinds_are_checked():
+    net = _student()
+    with pytest.raises(ValueError, match="unknown kind 'pgd'"):
+        craft_boundary("pgd", net, net, torch.rand(2, 1, 16, 16), steps=1, step_size=0.1)
+    with pytest.raises(ConfigError, match="distill.boundary"):
+        DistillConfig(adversary="hee", boundary="hee")  # the same HEEs twice
+    assert DistillConfig(adversary="hee", boundary="disagree").boundary == "disagree"
 
 
 def test_pgd_adversary_stays_in_the_ball_and_raises_the_loss_on_teacher_labels():
