@@ -31,7 +31,7 @@ __all__ = ["BOUNDARY_KINDS", "craft_adversary", "craft_boundary", "craft_hee", "
            "prediction_entropy"]
 
 #: ``distill.boundary`` values that craft examples (beyond the paper; ``none`` turns the term off).
-BOUNDARY_KINDS = ("hee", "hee_teacher", "disagree")
+BOUNDARY_KINDS = ("hee", "hee_teacher", "disagree", "hee+disagree")
 
 
 def prediction_entropy(logits: Tensor) -> Tensor:
@@ -60,7 +60,7 @@ def craft_hee(model: nn.Module, x: Tensor, *, steps: int, step_size: float) -> T
 
 
 def craft_boundary(kind: str, student: nn.Module, teacher: nn.Module, x: Tensor, *, steps: int,
-                   step_size: float) -> Tensor:
+                   step_size: float, global_rows: tuple[int, int] | None = None) -> Tensor:
     """The boundary term's examples x_H (``distill.boundary``, beyond the paper), by signed ascent from ``x``:
 
     - ``hee``: DFHL's high-entropy examples of the **student** (:func:`craft_hee`), where the student is
@@ -69,12 +69,24 @@ def craft_boundary(kind: str, student: nn.Module, teacher: nn.Module, x: Tensor,
       class boundaries (shirt / T-shirt / pullover / coat on Fashion-MNIST), whatever the student thinks;
     - ``disagree``: the teacher–student discrepancy ``KL(softmax(T(x)) ‖ softmax(S(x)))``, the hard
       samples of data-free adversarial distillation (DFAD, Fang et al. 2019), aimed at wherever the
-      student departs from the teacher.
+      student departs from the teacher;
+    - ``hee+disagree``: ``hee`` on the first half of the global boundary batch, ``disagree`` on the rest
+      (``global_rows`` = (index of ``x``'s first row in it, its size), default (0, len(x)), so that
+      data-parallel ranks split the rows as one process does).
 
-    Both networks are frozen in eval mode (restored afterwards); ``steps · step_size`` bounds the move.
+    Both networks are frozen in eval mode (restored afterwards), so every row's ascent is independent of
+    the others'; ``steps · step_size`` bounds the move.
     """
     if steps < 0 or not step_size > 0:
         raise ValueError(f"craft_boundary: need steps >= 0 and step_size > 0 (got {steps}, {step_size})")
+    if kind == "hee+disagree":
+        start, total = (0, x.shape[0]) if global_rows is None else global_rows
+        first_half = torch.arange(start, start + x.shape[0], device=x.device) < total // 2
+        x_h = torch.empty_like(x)
+        for part, rows in (("hee", first_half), ("disagree", ~first_half)):
+            if rows.any():
+                x_h[rows] = craft_boundary(part, student, teacher, x[rows], steps=steps, step_size=step_size)
+        return x_h
     if kind == "hee":
         return craft_hee(student, x, steps=steps, step_size=step_size)
     if kind == "hee_teacher":

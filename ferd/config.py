@@ -259,8 +259,9 @@ class DistillConfig:
     mix: Literal["none", "mixup", "cutmix"] = "none"  # mix pool images within a batch; the teacher labels the mixture
     mix_fraction: float = rng(0.5, ge=0.0, le=1.0)  # share of each batch that is mixed (weights ~ U(0, 1))
     # beyond the paper: a third term on examples near a class boundary, by signed ascent from x_F (ferd.adversaries.
-    # craft_boundary): hee = the student's entropy (DFHL's HEEs), hee_teacher = the teacher's, disagree = KL(T || S)
-    boundary: Literal["none", "hee", "hee_teacher", "disagree"] = "none"
+    # craft_boundary): hee = the student's entropy (DFHL's HEEs), hee_teacher = the teacher's, disagree = KL(T || S),
+    # hee+disagree = hee on the first half of the rows, disagree on the rest
+    boundary: Literal["none", "hee", "hee_teacher", "disagree", "hee+disagree"] = "none"
     lambda_boundary: float = rng(0.5, ge=0.0)  # its weight, labelled by the teacher on the HEE itself
     boundary_fraction: float = rng(0.5, gt=0.0, le=1.0)  # share of each batch that gets an HEE (cost: boundary_steps passes)
     boundary_steps: int = rng(3, ge=1)  # the boundary HEEs' signed steps (of boundary_step_size x eps)

@@ -558,7 +558,8 @@ def train_student(
                 if bnd_on:  # distill.boundary: HEEs of this rank's first rows, labelled by the teacher on them
                     with amp():
                         x_h = craft_boundary(cfg.boundary, student, teacher, x_f[:bnd_rows], steps=cfg.boundary_steps,
-                                             step_size=cfg.boundary_step_size * eps)
+                                             step_size=cfg.boundary_step_size * eps,
+                                             global_rows=None if bnd_shard is None else (bnd_shard.start, bnd_shard.total))
                     with torch.no_grad(), amp():
                         t_h = teacher(x_h).float()
                 net.train()

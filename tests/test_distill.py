@@ -396,17 +396,20 @@ def test_boundary_from_epoch_leaves_the_earlier_epochs_plain():
         _train(cfg=replace(cfg, boundary_from_epoch=3), total_epochs=3, warmup=1)
 
 
-@pytest.mark.parametrize("kind", ["hee_teacher", "disagree"])
+@pytest.mark.parametrize("kind", ["hee_teacher", "disagree", "hee+disagree"])
 def test_boundary_kinds_that_ask_the_teacher_craft_through_it(kind):
-    """``hee_teacher`` and ``disagree`` climb an objective of the teacher's output: per step the teacher sees
-    x_F, then one input per ascent step (boundary_steps), then labels x_H; the student changes, deterministically."""
+    """``hee_teacher``, ``disagree`` (and ``hee+disagree`` on its second half) climb an objective of the
+    teacher's output: per step the teacher sees x_F, then one input per ascent step (boundary_steps),
+    then labels x_H; the student changes, deterministically."""
     cfg = replace(CFG, boundary=kind, boundary_steps=2, boundary_step_size=0.2)
     teacher = _Keeper(_teacher())
     on, _, state = _train(cfg=cfg, teacher=teacher, total_epochs=2, warmup=1)
     assert len(teacher.inputs) == cfg.steps * (1 + 2 + 1)
     first = teacher.inputs[:4]
-    assert torch.equal(first[1], first[0][: first[1].shape[0]])  # the ascent starts at x_F
-    step = (first[3] - first[0][: first[3].shape[0]]).abs().amax()
+    rows = first[3].shape[0]
+    start = rows // 2 if kind == "hee+disagree" else 0  # the student HEEs of the first half ask no teacher
+    assert torch.equal(first[1], first[0][start:rows])  # the ascent starts at x_F
+    step = (first[3] - first[0][:rows]).abs().amax()
     assert 0 < step <= 2 * 0.2 * EPS + 1e-6
     assert all(row["loss_boundary"] > 0 for row in state.log)
     again, _, _ = _train(cfg=cfg, total_epochs=2, warmup=1)

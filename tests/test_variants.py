@@ -127,6 +127,21 @@ def test_boundary_disagree_climbs_the_teacher_student_kl_and_rests_where_they_ag
     assert torch.equal(craft_boundary("disagree", _student(), teacher, x, steps=3, step_size=0.02), x)
 
 
+def test_boundary_hee_plus_disagree_splits_the_global_rows_in_halves():
+    teacher = _student()
+    torch.manual_seed(5)
+    student = build_model("cnn", width=4, num_classes=4, in_channels=1, image_size=16).eval()
+    x = torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    kw = dict(steps=3, step_size=0.02)
+    both = craft_boundary("hee+disagree", student, teacher, x, **kw)
+    assert torch.allclose(both[:5], craft_boundary("hee", student, teacher, x[:5], **kw), atol=1e-6)
+    assert torch.allclose(both[5:], craft_boundary("disagree", student, teacher, x[5:], **kw), atol=1e-6)
+    # data-parallel ranks holding rows 0:3, 3:7, 7:10 of the global boundary batch split it as one process
+    ranks = [craft_boundary("hee+disagree", student, teacher, x[a:b], global_rows=(a, 10), **kw)
+             for a, b in ((0, 3), (3, 7), (7, 10))]
+    assert torch.allclose(torch.cat(ranks), both, atol=1e-6)
+
+
 def test_boundary_kinds_are_checked():
     net = _student()
     with pytest.raises(ValueError, match="unknown kind 'pgd'"):
