@@ -32,7 +32,7 @@ FERD_GAMMA = 0.3
 #: The project's boundary term (``distill.boundary``, beyond the paper, params.yaml's default): FERD,
 #: its ablations and ``plain`` share it, so they differ only in FERD's own switches; the two published
 #: baselines run as published, without it (DFHL's own adversary is the high-entropy example).
-PROJECT_BOUNDARY = "hee"
+PROJECT_BOUNDARY = "hee+disagree"
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,11 @@ def test_every_variant_sets_every_switch():
 @pytest.mark.parametrize(
     ("name", "method", "lambda_uni", "gamma", "adversary", "loss", "boundary"),
     [
-        ("ferd", "softmax", 5.0, 0.3, "utae", "kl", "hee"),
-        ("no-reweight", "uniform", 5.0, 0.3, "utae", "kl", "hee"),
-        ("no-fae-uni", "softmax", 0.0, 0.3, "utae", "kl", "hee"),
-        ("no-utae-gamma", "softmax", 5.0, 0.0, "utae", "kl", "hee"),
-        ("plain", "uniform", 0.0, 0.0, "utae", "kl", "hee"),
+        ("ferd", "softmax", 5.0, 0.3, "utae", "kl", "hee+disagree"),
+        ("no-reweight", "uniform", 5.0, 0.3, "utae", "kl", "hee+disagree"),
+        ("no-fae-uni", "softmax", 0.0, 0.3, "utae", "kl", "hee+disagree"),
+        ("no-utae-gamma", "softmax", 5.0, 0.0, "utae", "kl", "hee+disagree"),
+        ("plain", "uniform", 0.0, 0.0, "utae", "kl", "hee+disagree"),
         ("dfhl", "uniform", 0.0, 0.0, "hee", "ce_hard", "none"),  # the published baselines: no boundary term
         ("dfkd-rslad", "uniform", 0.0, 0.0, "pgd", "kl", "none"),
     ],
