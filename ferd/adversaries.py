@@ -81,12 +81,10 @@ def craft_boundary(kind: str, student: nn.Module, teacher: nn.Module, x: Tensor,
         raise ValueError(f"craft_boundary: need steps >= 0 and step_size > 0 (got {steps}, {step_size})")
     if kind == "hee+disagree":
         start, total = (0, x.shape[0]) if global_rows is None else global_rows
-        first_half = torch.arange(start, start + x.shape[0], device=x.device) < total // 2
-        x_h = torch.empty_like(x)
-        for part, rows in (("hee", first_half), ("disagree", ~first_half)):
-            if rows.any():
-                x_h[rows] = craft_boundary(part, student, teacher, x[rows], steps=steps, step_size=step_size)
-        return x_h
+        split = min(max(total // 2 - start, 0), x.shape[0])  # this process's rows before the global half
+        parts = [craft_boundary(part, student, teacher, rows, steps=steps, step_size=step_size)
+                 for part, rows in (("hee", x[:split]), ("disagree", x[split:])) if rows.shape[0]]
+        return torch.cat(parts)
     if kind == "hee":
         return craft_hee(student, x, steps=steps, step_size=step_size)
     if kind == "hee_teacher":

@@ -262,9 +262,9 @@ class DistillConfig:
     # craft_boundary): hee = the student's entropy (DFHL's HEEs), hee_teacher = the teacher's, disagree = KL(T || S),
     # hee+disagree = hee on the first half of the rows, disagree on the rest
     boundary: Literal["none", "hee", "hee_teacher", "disagree", "hee+disagree"] = "none"
-    lambda_boundary: float = rng(0.5, ge=0.0)  # its weight, labelled by the teacher on the HEE itself
-    boundary_fraction: float = rng(0.5, gt=0.0, le=1.0)  # share of each batch that gets an HEE (cost: boundary_steps passes)
-    boundary_steps: int = rng(3, ge=1)  # the boundary HEEs' signed steps (of boundary_step_size x eps)
+    lambda_boundary: float = rng(0.5, ge=0.0)  # its weight; x_H is labelled by the teacher on x_H itself
+    boundary_fraction: float = rng(0.5, gt=0.0, le=1.0)  # share of each batch that gets an x_H (cost: boundary_steps passes)
+    boundary_steps: int = rng(3, ge=1)  # the boundary examples' signed steps (of boundary_step_size x eps)
     boundary_step_size: float = rng(0.3, gt=0.0)  # x eps, like utae.step_size (3 x 0.3 eps: inside the eps-ball)
     boundary_from_epoch: int = rng(1, ge=1)  # first distillation epoch (1-based) with the term; earlier ones are plain
 

@@ -8,9 +8,10 @@ the **current student** (§2.5, :func:`ferd.utae.craft_utae`, the reference code
 
     L_stu = λ1 · L(T(x_F), S(x_F)) + λ2 · L(T(x_F), S(x_U)),   L = KL (default) or IKL/DKL
 
-plus, with ``distill.boundary: hee`` (beyond the paper; params.yaml's default), λ_b · L(T(x_H), S(x_H)) on
-high-entropy examples x_H of the first ``boundary_fraction`` of the batch (:func:`boundary_rows`), from
-distillation epoch ``boundary_from_epoch`` on.
+plus, with ``distill.boundary`` (beyond the paper; params.yaml's default ``hee+disagree``),
+λ_b · L(T(x_H), S(x_H)) on examples x_H crafted near a class boundary from the first ``boundary_fraction``
+of the batch (:func:`boundary_rows`, :func:`ferd.adversaries.craft_boundary`), from distillation epoch
+``boundary_from_epoch`` on.
 
 Optimisation (§2.7): SGD with momentum and weight decay; CosineAnnealingLR with T_max = total
 epochs, stepped once per epoch from epoch 1 *including the warm-up epochs* (§7 #6), so the student
@@ -444,6 +445,7 @@ def train_student(
     sh = distributed.shard(cfg.batch_size, "distill.batch_size") if distributed.active() else None
     world = distributed.world_size()
     bnd_rows, bnd_shard = boundary_rows(cfg, sh)
+    bnd_global = None if bnd_shard is None else (bnd_shard.start, bnd_shard.total)  # craft_boundary's global_rows
     if bnd_rows and cfg.boundary_from_epoch > student_epochs:
         raise FerdError(f"distill.boundary_from_epoch {cfg.boundary_from_epoch} is after the last distillation epoch "
                         f"({student_epochs}); lower it or set distill.boundary: none")
@@ -555,11 +557,11 @@ def train_student(
                     with torch.no_grad(), amp():
                         t_adv = teacher(x_u).float()
                 bnd = None
-                if bnd_on:  # distill.boundary: HEEs of this rank's first rows, labelled by the teacher on them
+                if bnd_on:  # distill.boundary: x_H from this rank's first rows, labelled by the teacher on them
                     with amp():
                         x_h = craft_boundary(cfg.boundary, student, teacher, x_f[:bnd_rows], steps=cfg.boundary_steps,
                                              step_size=cfg.boundary_step_size * eps,
-                                             global_rows=None if bnd_shard is None else (bnd_shard.start, bnd_shard.total))
+                                             global_rows=bnd_global)
                     with torch.no_grad(), amp():
                         t_h = teacher(x_h).float()
                 net.train()
