@@ -54,8 +54,9 @@ def top_overlap(a: torch.Tensor | list[float], b: torch.Tensor | list[float], k:
 
 def tracking_table(records: list[dict[str, Any]], momenta: list[float], k: int = 3) -> list[dict[str, Any]]:
     """One row per (reference, momentum): the per-epoch Spearman correlations, their mean and the mean
-    top-k overlap. ``records``: per epoch ``D`` (measured), ``present`` (its measured classes), ``diag`` (the run's diagnostic), ``big``
-    (the larger diagnostic). The first row ranks the two diagnostics against each other."""
+    top-k overlap. ``records``: per epoch ``D`` (measured), ``present`` (its measured classes),
+    ``diag`` (the run's diagnostic), ``big`` (the larger diagnostic). The first row ranks the two
+    diagnostics against each other."""
     recs = [r for r in records if r.get("diag") is not None and r.get("big") is not None]
     if not recs:
         raise ValueError("no epoch with both diagnostics: use reweight.signal student and probe.real_split train")

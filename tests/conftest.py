@@ -90,3 +90,13 @@ def tiny_teacher(tmp_path_factory) -> Path:
     result = CliRunner().invoke(app, ["--params", str(params), "fetch-teacher", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (they are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@ script reads a real pool artifact."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -11,15 +10,12 @@ import pytest
 import torch
 
 from ferd.artifacts import save_h5
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("pool_diversity", REPO / "benchmarks" / "pool_diversity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pool_diversity")
 
 
 def test_class_distances_by_hand(bench):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import os
 
@@ -14,15 +13,12 @@ from typer.testing import CliRunner
 from ferd.artifacts import load_h5
 from ferd.probe import rank_correlation
 from stages.cli import app
-from tests.conftest import REPO, tiny_params, write_params
+from tests.conftest import load_benchmark, tiny_params, write_params
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("signal_tracking", REPO / "benchmarks" / "signal_tracking.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("signal_tracking")
 
 
 def test_smoothing_and_top_overlap_by_hand(bench):
