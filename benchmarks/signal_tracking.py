@@ -87,8 +87,9 @@ def record_run(params_path: str, teacher: str, probe: str, weights: str, big_per
     from ferd.runtime import configure_torch
 
     params = load_params(params_path)
-    if params.reweight.signal != "student" or params.probe.real_split == "none":
-        raise ConfigError("signal_tracking: needs reweight.signal: student and probe.real_split: train")
+    if params.reweight.signal != "student" or params.probe.real_split == "none" or params.distill.schedule != "staged":
+        raise ConfigError("signal_tracking: needs reweight.signal: student, probe.real_split: train and "
+                          "distill.schedule: staged (it measures synth-fae's shadow student)")
     info = dataset_info(params.data)
     model, _meta = load_model(teacher)
     arrays, _ = load_h5(probe, kind="probe", required=("x", "clean_pred"), produced_by="probe")
@@ -135,10 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the per-epoch records here")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.records:
-        records = json.loads(Path(args.records).read_text())
-    else:
-        records = record_run(args.params, args.teacher, args.probe, args.weights, args.big_per_class, args.threads)
+    from ferd.errors import FerdError
+
+    try:
+        if args.records:
+            records = json.loads(Path(args.records).read_text())
+        else:
+            records = record_run(args.params, args.teacher, args.probe, args.weights, args.big_per_class, args.threads)
+    except FerdError as err:  # bad params or artifacts: one line, non-zero exit
+        raise SystemExit(f"error: {err}") from None
     if args.json:
         Path(args.json).write_text(json.dumps(records))
     rows = tracking_table(records, [float(m) for m in args.momenta.split(",")])
