@@ -12,7 +12,11 @@ repository). Both skip finished experiments and read the results back the same w
 
 The table: for every variant, mean ± sample standard deviation over its seeds of each run's
 clean / PGD-20 / AutoAttack average accuracy, worst-class accuracy and NSD, read from the student's
-``metrics/student.json`` of every experiment in ``dvc exp show --json``.
+``metrics/student.json`` of every experiment in ``dvc exp show --json``. Next to it, the paired
+table (:func:`paired`): every variant minus the baseline (``plain``) seed by seed, because the
+variants of one seed share the teacher and everything the seed decides, so the per-seed difference
+is the comparison's sharpest figure; with the share of seeds each variant wins and how many of its
+students transfer every class.
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ from ferd.variants import VARIANTS, set_flags, variant
 
 __all__ = [
     "ATTACKS",
+    "PAIRED_COLUMNS",
+    "Paired",
+    "TRANSFER_GOAL",
     "column_label",
+    "fmt_points",
+    "images_note",
+    "paired",
+    "paired_cells",
+    "paired_markdown",
     "exp_show",
     "fmt",
     "run_experiments",
@@ -268,6 +280,118 @@ def markdown_table(rows: list[Summary], columns: tuple[str, ...] = COLUMNS) -> s
         cells = [fmt(*row.stats[c]) for c in columns]
         lines.append(f"| {row.variant} | {len(row.seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+#: The differences of the paired table (variant − baseline on the same seed): the worst class first,
+#: because the method's claim is about it, then the averages it must not give away.
+PAIRED_COLUMNS = ("pgd_worst", "autoattack_worst", "pgd_avg", "autoattack_avg", "clean_avg")
+
+#: A class "transfers" when the student keeps this fraction of the teacher's clean accuracy on it.
+TRANSFER_GOAL = 0.6
+
+
+@dataclass(frozen=True)
+class Paired:
+    """One variant against the baseline on the seeds both finished.
+
+    ``diffs[col]``: mean and sample std over those seeds of (variant − baseline) in accuracy units
+    (NaN where a metric is absent; std NaN with one seed); ``wins[col]``: seeds where the variant is
+    strictly higher; ``transfer``: seeds where every class transfers ≥ :data:`TRANSFER_GOAL`
+    (variant, baseline), ``None`` where the metrics predate ``transfer_worst``.
+    """
+
+    variant: str
+    baseline: str
+    seeds: tuple[int, ...]
+    diffs: dict[str, tuple[float, float]]
+    wins: dict[str, int]
+    transfer: tuple[int, int] | None
+
+
+def _transfers(metrics: dict[str, Any]) -> bool | None:
+    value = metrics.get("transfer_worst")
+    return None if not isinstance(value, int | float) else value >= TRANSFER_GOAL
+
+
+def paired(records: list[Record], baseline: str = "plain", columns: tuple[str, ...] = PAIRED_COLUMNS) -> list[Paired]:
+    """Every other variant against ``baseline``, seed by seed, in :data:`VARIANTS` order.
+
+    The variants of a comparison share the teacher and (per seed) everything the seed does not
+    switch, so the per-seed difference removes the seed's own luck from the comparison: a gap of
+    2 points with a seed spread of 1.5 on each side can still hold in every seed. Variants with no
+    seed in common with the baseline are left out; no baseline record gives an empty list.
+    """
+    by_key = {(r.variant, r.seed): r for r in records}
+    base_seeds = {s for v, s in by_key if v == baseline}
+    rows = []
+    for name in VARIANTS:
+        if name == baseline:
+            continue
+        seeds = tuple(sorted(s for v, s in by_key if v == name and s in base_seeds))
+        if not seeds:
+            continue
+        diffs, wins = {}, {}
+        for col in columns:
+            pairs = [(by_key[(name, s)].metrics.get(col), by_key[(baseline, s)].metrics.get(col)) for s in seeds]
+            deltas = [float(a) - float(b) for a, b in pairs if isinstance(a, int | float) and isinstance(b, int | float)]
+            mean = statistics.fmean(deltas) if deltas else math.nan
+            std = statistics.stdev(deltas) if len(deltas) >= 2 else math.nan
+            diffs[col] = (mean, std)
+            wins[col] = sum(d > 0 for d in deltas)
+        mine = [_transfers(by_key[(name, s)].metrics) for s in seeds]
+        theirs = [_transfers(by_key[(baseline, s)].metrics) for s in seeds]
+        transfer = None if None in mine or None in theirs else (sum(mine), sum(theirs))
+        rows.append(Paired(name, baseline, seeds, diffs, wins, transfer))
+    return rows
+
+
+def fmt_points(mean: float, std: float) -> str:
+    """An accuracy difference in percentage points: ``+2.0 ± 1.9``; ``+2.0`` with one seed; ``–`` absent."""
+    if math.isnan(mean):
+        return "–"
+    return f"{100 * mean:+.1f}" if math.isnan(std) else f"{100 * mean:+.1f} ± {100 * std:.1f}"
+
+
+def paired_cells(row: Paired, columns: tuple[str, ...] = PAIRED_COLUMNS) -> list[str]:
+    """The paired row's cells after the variant name: seeds, each difference with its wins, transfer."""
+    n = len(row.seeds)
+    cells = [str(n)]
+    for col in columns:
+        mean, std = row.diffs[col]
+        cells.append("–" if math.isnan(mean) else f"{fmt_points(mean, std)} ({row.wins[col]}/{n})")
+    cells.append("–" if row.transfer is None else f"{row.transfer[0]}/{n} vs {row.transfer[1]}/{n}")
+    return cells
+
+
+def paired_markdown(rows: list[Paired], columns: tuple[str, ...] = PAIRED_COLUMNS) -> str:
+    """The paired table in markdown, with a line that says how to read it; empty without rows."""
+    if not rows:
+        return ""
+    base = rows[0].baseline
+    lines = [f"Against `{base}`, seed by seed: the variant − `{base}` on the same seed in percentage points, "
+             "mean ± std over the shared seeds, (seeds where the variant is higher / shared seeds); "
+             f"last column: seeds where every class keeps ≥ {TRANSFER_GOAL:g} of the teacher's clean accuracy "
+             f"(variant vs `{base}`).", "",
+             "| variant | seeds | " + " | ".join(f"Δ {column_label(c)}" for c in columns)
+             + f" | every class ≥ {TRANSFER_GOAL:g} |",
+             "|---|---|" + "---|" * (len(columns) + 1)]
+    lines += [f"| {row.variant} | " + " | ".join(paired_cells(row, columns)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def images_note(records: list[Record]) -> str:
+    """What each figure rests on: the test images of clean / PGD-20 / AutoAttack (and its version)
+    over all records, e.g. ``clean 10000, PGD-20 10000, AA (standard) 100 or 1000 test images``;
+    a worst-class figure rests on a tenth of them (class-balanced)."""
+    def counts(key: str) -> str:
+        values = sorted({int(r.metrics[key]) for r in records if isinstance(r.metrics.get(key), int | float)})
+        return " or ".join(str(v) for v in values) if values else "?"
+
+    versions = sorted({str(r.metrics["autoattack_version"]) for r in records if r.metrics.get("autoattack_version")})
+    version = f" ({' or '.join(versions)})" if versions else ""
+    return (f"Test images per figure: clean {counts('clean_images')}, PGD-20 {counts('pgd_images')}, "
+            f"AA{version} {counts('autoattack_images')}; a worst-class figure rests on a tenth of them "
+            "(class-balanced).")
 
 
 def worst_class_chart(rows: list[Summary], path: Path) -> Path:

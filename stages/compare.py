@@ -62,17 +62,26 @@ def command(
         = 15.0,
     out: Annotated[Path, typer.Option(help="Folder for compare.md and compare_worst_class.png.")] = Path("reports"),
     dvc: Annotated[str, typer.Option(help="The dvc executable.")] = "dvc",
+    baseline: Annotated[str, typer.Option(help="The variant every other one is paired against, seed by seed.")]
+        = "plain",
 ) -> None:
     """Compare FERD, its ablations and the baselines over seeds: dvc experiments → table, markdown, PNG."""
     from ferd.artifacts import write_bytes_atomic
     from ferd.compare import (
         COLUMNS,
+        PAIRED_COLUMNS,
+        TRANSFER_GOAL,
         column_label,
         exp_show,
+        experiment_name,
         fmt,
+        images_note,
         load_setting,
         markdown_table,
         missing_keys,
+        paired,
+        paired_cells,
+        paired_markdown,
         plan,
         records_from_exp_show,
         run_experiments,
@@ -89,6 +98,7 @@ def command(
     names = [v.strip() for v in variants.split(",") if v.strip()] or list(VARIANTS)
     for name in names:
         variant(name)  # a clear error for an unknown name
+    variant(baseline)
     experiments = plan(names, _ints(seeds), load_setting(setting), _sets(set_ or []))
     queue = jobs is not None and jobs > 1
     if dry_run:
@@ -116,6 +126,9 @@ def command(
     for problem in problems:
         console.print(f"[yellow]warning:[/] experiment {problem} is left out of the table")
     wanted = {e.name for e in experiments}
+    # the baseline's runs on the same seeds pair with the variants even when they are not in --variants
+    base_names = {experiment_name(baseline, e.overrides["seed"]) for e in experiments}
+    with_baseline = [r for r in records if r.name in wanted | base_names]
     records = [r for r in records if r.name in wanted]
     if not records:
         raise FerdError("compare: no finished comparison experiments on this commit; run `ferd compare --run` "
@@ -129,7 +142,20 @@ def command(
     for row in rows:
         table.add_row(row.variant, str(len(row.seeds)), *[fmt(*row.stats[c]) for c in COLUMNS])
     console.print(table, width=max(console.width, 180))  # eleven columns: never squeeze them into 80
-    md = markdown_table(rows)
+    note = images_note(records)
+    console.print(note)
+    pairs = paired(with_baseline, baseline)
+    if pairs:
+        against = Table(title=f"against {baseline}, seed by seed: Δ in points, mean ± std (seeds higher / shared)",
+                        title_justify="left")
+        for head in ("variant", "seeds", *[f"Δ {column_label(c)}" for c in PAIRED_COLUMNS], f"every class ≥ {TRANSFER_GOAL:g}"):
+            against.add_column(head, justify="left" if head == "variant" else "right")
+        for pair in pairs:
+            against.add_row(pair.variant, *paired_cells(pair))
+        console.print(against, width=max(console.width, 140))
+    else:
+        console.print(f"no paired table: no variant shares a finished seed with {baseline}")
+    md = markdown_table(rows) + "\n" + note + "\n" + ("\n" + paired_markdown(pairs) if pairs else "")
     write_bytes_atomic(out / "compare.md", md.encode())
     png = worst_class_chart(rows, out / "compare_worst_class.png")
     console.print(f"wrote {out / 'compare.md'} and {png}")

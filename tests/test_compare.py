@@ -12,8 +12,11 @@ from typer.testing import CliRunner
 from ferd.compare import (
     COLUMNS,
     Record,
+    images_note,
     load_setting,
     markdown_table,
+    paired,
+    paired_markdown,
     parse_experiment_name,
     plan,
     queue_status,
@@ -97,6 +100,52 @@ def test_summary_mean_std_worst_by_hand():
     assert md.count("\n") == 4 and md.splitlines()[0].count("|") == len(COLUMNS) + 3
 
 
+def _rec(name: str, pgd_worst: float, aa_worst: float, pgd_avg: float, transfer_worst: float | None = None) -> Record:
+    variant_name, seed = parse_experiment_name(name)
+    metrics = {"pgd_worst": pgd_worst, "autoattack_worst": aa_worst, "pgd_avg": pgd_avg, "autoattack_avg": 0.5,
+               "clean_avg": 0.7}
+    if transfer_worst is not None:
+        metrics["transfer_worst"] = transfer_worst
+    return Record(name, variant_name, seed, metrics)
+
+
+def test_paired_differences_by_hand():
+    records = [
+        _rec("plain-s0", 0.04, 0.02, 0.60, 0.5), _rec("plain-s1", 0.05, 0.03, 0.62, 0.7),
+        _rec("plain-s2", 0.06, 0.00, 0.61, 0.4),
+        _rec("ferd-student-s0", 0.07, 0.05, 0.61, 0.65), _rec("ferd-student-s1", 0.04, 0.06, 0.63, 0.55),
+        _rec("ferd-student-s2", 0.10, 0.00, 0.60, 0.61),
+        _rec("ferd-s1", 0.08, 0.01, 0.62),  # one shared seed, no transfer metric
+        _rec("ferd-oracle-s7", 0.5, 0.5, 0.9),  # no seed shared with plain: left out
+    ]
+    rows = {r.variant: r for r in paired(records)}
+    assert list(rows) == ["ferd", "ferd-student"]  # VARIANTS order, the baseline itself not paired
+    student = rows["ferd-student"]
+    assert student.seeds == (0, 1, 2)
+    mean, std = student.diffs["pgd_worst"]  # +0.03, -0.01, +0.04
+    assert mean == pytest.approx(0.02) and std == pytest.approx(math.sqrt((0.01**2 + 0.03**2 + 0.02**2) / 2))
+    assert student.wins["pgd_worst"] == 2
+    assert student.wins["autoattack_worst"] == 2  # +0.03, +0.03, 0.00 (a tie is not a win)
+    assert student.diffs["autoattack_avg"] == (0.0, 0.0) and student.wins["autoattack_avg"] == 0
+    assert student.transfer == (2, 1)  # 0.65 and 0.61 reach 0.6; plain's 0.7 does
+    ferd = rows["ferd"]
+    assert ferd.seeds == (1,) and ferd.diffs["pgd_worst"][0] == pytest.approx(0.03)
+    assert math.isnan(ferd.diffs["pgd_worst"][1]) and ferd.transfer is None
+    md = paired_markdown(list(rows.values()))
+    assert "| ferd-student | 3 | +2.0 ± 2.6 (2/3) | +2.0 ± 1.7 (2/3) |" in md
+    ferd_line = next(line for line in md.splitlines() if line.startswith("| ferd |"))
+    assert ferd_line.startswith("| ferd | 1 | +3.0 (1/1) |") and ferd_line.endswith("| – |")  # no transfer metric
+    assert paired(records, baseline="dfhl") == [] and paired_markdown([]) == ""
+
+
+def test_images_note_names_every_count_and_version():
+    base = {"clean_images": 10000, "pgd_images": 10000, "autoattack_version": "standard"}
+    records = [Record("plain-s0", "plain", 0, {**base, "autoattack_images": 100}),
+               Record("ferd-s0", "ferd", 0, {**base, "autoattack_images": 1000})]
+    note = images_note(records)
+    assert "clean 10000, PGD-20 10000, AA (standard) 100 or 1000;" in note
+
+
 def test_summary_refuses_duplicate_seed():
     rec = Record("ferd-s0", "ferd", 0, _metrics(0.5, 0.5, 0.5, 0.5))
     with pytest.raises(FerdError, match="two experiments"):
@@ -117,7 +166,10 @@ def test_compare_command_reads_exp_show(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["compare", "--out", str(tmp_path), "--variants", "ferd,plain",
                                       "--setting", str(ROOT / "configs" / "compare.yaml"), "--dvc", dvc])
     assert result.exit_code == 0, result.output
-    assert "| ferd | 2 |" in (tmp_path / "compare.md").read_text()
+    md = (tmp_path / "compare.md").read_text()
+    assert "| ferd | 2 |" in md
+    assert "| ferd | 1 | +5.0 (1/1) | +5.0 (1/1) | +10.0 (1/1) | +10.0 (1/1) | +10.0 (1/1) | – |" in md  # ferd-s0 − plain-s0
+    assert "against plain" in result.output
     assert (tmp_path / "compare_worst_class.png").is_file()
     dry = CliRunner().invoke(app, ["compare", "--dry-run", "--variants", "dfhl", "--seeds", "4",
                                    "--setting", str(ROOT / "configs" / "compare.yaml")])
