@@ -264,7 +264,7 @@ def fmt(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-_ATTACK_LABELS = {"clean": "clean", "pgd": "PGD-20", "autoattack": "AA"}
+_ATTACK_LABELS = {"clean": "clean", "pgd": "PGD-20", "autoattack": "AA", "pgd_aa": "PGD-20 on the AA images"}
 
 
 def column_label(col: str) -> str:
@@ -352,22 +352,24 @@ def fmt_points(mean: float, std: float) -> str:
     return f"{100 * mean:+.1f}" if math.isnan(std) else f"{100 * mean:+.1f} ± {100 * std:.1f}"
 
 
-def paired_cells(row: Paired, columns: tuple[str, ...] = PAIRED_COLUMNS) -> list[str]:
+def paired_cells(row: Paired) -> list[str]:
     """The paired row's cells after the variant name: seeds, each difference with its wins, transfer."""
     n = len(row.seeds)
     cells = [str(n)]
-    for col in columns:
+    for col in row.diffs:
         mean, std = row.diffs[col]
         cells.append("–" if math.isnan(mean) else f"{fmt_points(mean, std)} ({row.wins[col]}/{n})")
     cells.append("–" if row.transfer is None else f"{row.transfer[0]}/{n} vs {row.transfer[1]}/{n}")
     return cells
 
 
-def paired_markdown(rows: list[Paired], columns: tuple[str, ...] = PAIRED_COLUMNS) -> str:
-    """The paired table in markdown, with a line that says how to read it; empty without rows."""
+def paired_markdown(rows: list[Paired]) -> str:
+    """The paired table in markdown (the columns :func:`paired` computed), with a line that says how
+    to read it; empty without rows."""
     if not rows:
         return ""
     base = rows[0].baseline
+    columns = tuple(rows[0].diffs)
     lines = [f"Against `{base}`, seed by seed: the variant − `{base}` on the same seed in percentage points, "
              "mean ± std over the shared seeds, (seeds where the variant is higher / shared seeds); "
              f"last column: seeds where every class keeps ≥ {TRANSFER_GOAL:g} of the teacher's clean accuracy "
@@ -375,7 +377,7 @@ def paired_markdown(rows: list[Paired], columns: tuple[str, ...] = PAIRED_COLUMN
              "| variant | seeds | " + " | ".join(f"Δ {column_label(c)}" for c in columns)
              + f" | every class ≥ {TRANSFER_GOAL:g} |",
              "|---|---|" + "---|" * (len(columns) + 1)]
-    lines += [f"| {row.variant} | " + " | ".join(paired_cells(row, columns)) + " |" for row in rows]
+    lines += [f"| {row.variant} | " + " | ".join(paired_cells(row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -136,6 +136,8 @@ def test_paired_differences_by_hand():
     ferd_line = next(line for line in md.splitlines() if line.startswith("| ferd |"))
     assert ferd_line.startswith("| ferd | 1 | +3.0 (1/1) |") and ferd_line.endswith("| – |")  # no transfer metric
     assert paired(records, baseline="dfhl") == [] and paired_markdown([]) == ""
+    only = paired_markdown(paired(records, columns=("pgd_worst",)))  # the table shows the columns paired computed
+    assert "| variant | seeds | Δ PGD-20 worst | every class ≥ 0.6 |" in only
 
 
 def test_images_note_names_every_count_and_version():
