@@ -349,7 +349,8 @@ def fmt_points(mean: float, std: float) -> str:
     """An accuracy difference in percentage points: ``+2.0 ± 1.9``; ``+2.0`` with one seed; ``–`` absent."""
     if math.isnan(mean):
         return "–"
-    return f"{100 * mean:+.1f}" if math.isnan(std) else f"{100 * mean:+.1f} ± {100 * std:.1f}"
+    points = round(100 * mean, 1) + 0.0  # + 0.0: a difference that rounds to zero prints +0.0, not -0.0
+    return f"{points:+.1f}" if math.isnan(std) else f"{points:+.1f} ± {100 * std:.1f}"
 
 
 def paired_cells(row: Paired) -> list[str]:

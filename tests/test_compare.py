@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from ferd.compare import (
     COLUMNS,
     Record,
+    fmt_points,
     images_note,
     load_setting,
     markdown_table,
@@ -136,6 +137,7 @@ def test_paired_differences_by_hand():
     ferd_line = next(line for line in md.splitlines() if line.startswith("| ferd |"))
     assert ferd_line.startswith("| ferd | 1 | +3.0 (1/1) |") and ferd_line.endswith("| – |")  # no transfer metric
     assert paired(records, baseline="dfhl") == [] and paired_markdown([]) == ""
+    assert fmt_points(-0.0004, math.nan) == "+0.0" and fmt_points(-0.0251, 0.01) == "-2.5 ± 1.0"
     only = paired_markdown(paired(records, columns=("pgd_worst",)))  # the table shows the columns paired computed
     assert "| variant | seeds | Δ PGD-20 worst | every class ≥ 0.6 |" in only
 
