@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from stages._ui import console, handles_errors
@@ -141,7 +142,10 @@ def command(
         table.add_column(column_label(col), justify="right")
     for row in rows:
         table.add_row(row.variant, str(len(row.seeds)), *[fmt(*row.stats[c]) for c in COLUMNS])
-    console.print(table, width=max(console.width, 180))  # eleven columns: never squeeze them into 80
+    # eleven columns never fit 80: rich's print(width=) can only narrow the console, so print the tables through
+    # a console at least 180 wide (a log file or a narrow terminal gets whole numbers, not `0.7…`)
+    wide = Console(stderr=True, highlight=False, width=max(console.width, 180))
+    wide.print(table)
     note = images_note(records)
     console.print(note)
     pairs = paired(with_baseline, baseline)
@@ -152,7 +156,7 @@ def command(
             against.add_column(head, justify="left" if head == "variant" else "right")
         for pair in pairs:
             against.add_row(pair.variant, *paired_cells(pair))
-        console.print(against, width=max(console.width, 140))
+        wide.print(against)
     else:
         console.print(f"no paired table: no variant shares a finished seed with {baseline}")
     md = markdown_table(rows) + "\n" + note + "\n" + ("\n" + paired_markdown(pairs) if pairs else "")

@@ -174,6 +174,7 @@ def test_compare_command_reads_exp_show(tmp_path, monkeypatch):
     assert "| ferd | 2 |" in md
     assert "| ferd | 1 | +5.0 (1/1) | +5.0 (1/1) | +10.0 (1/1) | +10.0 (1/1) | +10.0 (1/1) | – |" in md  # ferd-s0 − plain-s0
     assert "against plain" in result.output
+    assert "0.750 ± 0.071" in result.output  # the terminal table keeps whole numbers at any width, no `0.7…`
     assert (tmp_path / "compare_worst_class.png").is_file()
     dry = CliRunner().invoke(app, ["compare", "--dry-run", "--variants", "dfhl", "--seeds", "4",
                                    "--setting", str(ROOT / "configs" / "compare.yaml")])
