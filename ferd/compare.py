@@ -384,8 +384,9 @@ def paired_markdown(rows: list[Paired]) -> str:
 
 def images_note(records: list[Record]) -> str:
     """What each figure rests on: the test images of clean / PGD-20 / AutoAttack (and its version)
-    over all records, e.g. ``clean 10000, PGD-20 10000, AA (standard) 100 or 1000 test images``;
-    a worst-class figure rests on a tenth of them (class-balanced)."""
+    over all records, e.g. ``clean 10000, PGD-20 10000, AA (standard) 100 or 1000`` (different
+    counts where the headline variants were attacked on more images); ``?`` where the metrics do not
+    say. A worst-class figure rests on a tenth of them (class-balanced)."""
     def counts(key: str) -> str:
         values = sorted({int(r.metrics[key]) for r in records if isinstance(r.metrics.get(key), int | float)})
         return " or ".join(str(v) for v in values) if values else "?"
