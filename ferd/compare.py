@@ -42,6 +42,7 @@ __all__ = [
     "images_note",
     "paired",
     "paired_cells",
+    "paired_header",
     "paired_markdown",
     "exp_show",
     "fmt",
@@ -364,20 +365,24 @@ def paired_cells(row: Paired) -> list[str]:
     return cells
 
 
+def paired_header(rows: list[Paired]) -> list[str]:
+    """The paired table's column titles for the columns :func:`paired` computed (markdown and terminal)."""
+    columns = tuple(rows[0].diffs) if rows else PAIRED_COLUMNS
+    return ["variant", "seeds", *[f"Δ {column_label(c)}" for c in columns], f"every class ≥ {TRANSFER_GOAL:g}"]
+
+
 def paired_markdown(rows: list[Paired]) -> str:
-    """The paired table in markdown (the columns :func:`paired` computed), with a line that says how
-    to read it; empty without rows."""
+    """The paired table in markdown, with a line that says how to read it; empty without rows."""
     if not rows:
         return ""
     base = rows[0].baseline
-    columns = tuple(rows[0].diffs)
+    header = paired_header(rows)
     lines = [f"Against `{base}`, seed by seed: the variant − `{base}` on the same seed in percentage points, "
              "mean ± std over the shared seeds, (seeds where the variant is higher / shared seeds); "
              f"last column: seeds where every class keeps ≥ {TRANSFER_GOAL:g} of the teacher's clean accuracy "
              f"(variant vs `{base}`).", "",
-             "| variant | seeds | " + " | ".join(f"Δ {column_label(c)}" for c in columns)
-             + f" | every class ≥ {TRANSFER_GOAL:g} |",
-             "|---|---|" + "---|" * (len(columns) + 1)]
+             "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
     lines += [f"| {row.variant} | " + " | ".join(paired_cells(row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 

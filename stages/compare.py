@@ -70,8 +70,6 @@ def command(
     from ferd.artifacts import write_bytes_atomic
     from ferd.compare import (
         COLUMNS,
-        PAIRED_COLUMNS,
-        TRANSFER_GOAL,
         column_label,
         exp_show,
         experiment_name,
@@ -82,6 +80,7 @@ def command(
         missing_keys,
         paired,
         paired_cells,
+        paired_header,
         paired_markdown,
         plan,
         records_from_exp_show,
@@ -152,7 +151,7 @@ def command(
     if pairs:
         against = Table(title=f"against {baseline}, seed by seed: Δ in points, mean ± std (seeds higher / shared)",
                         title_justify="left")
-        for head in ("variant", "seeds", *[f"Δ {column_label(c)}" for c in PAIRED_COLUMNS], f"every class ≥ {TRANSFER_GOAL:g}"):
+        for head in paired_header(pairs):
             against.add_column(head, justify="left" if head == "variant" else "right")
         for pair in pairs:
             against.add_row(pair.variant, *paired_cells(pair))
