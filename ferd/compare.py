@@ -769,9 +769,18 @@ def run_queued(experiments: list[Experiment], *, jobs: int, dvc: str = "dvc", cw
             if attempt == 2:
                 raise
             sleep(poll_seconds)
-    failed = [n for n in waiting if last[n] != "success" or not any(e.state == "success" for e in entries.get(n, []))]
+    # a task that vanished from the queue and from `dvc exp show` was removed (`dvc queue remove`), not
+    # run: it has no log to read, so it is named apart from the failures
+    removed = [n for n in waiting if last[n] == "missing" and not entries.get(n)]
+    failed = [n for n in waiting if n not in removed
+              and (last[n] != "success" or not any(e.state == "success" for e in entries.get(n, [])))]
+    problems = []
     if failed:
         where = ", ".join(f"{n} (`{dvc} queue logs {tasks[n]}`)" for n in failed)
-        raise FerdError(f"compare: {len(failed)} of {len(waiting)} experiments failed: {where}; "
-                        "fix the error its log shows and rerun: finished experiments are kept")
+        problems.append(f"{len(failed)} of {len(waiting)} experiments failed: {where}; fix the error its log shows")
+    if removed:
+        problems.append(f"{len(removed)} of {len(waiting)} left the queue without running (removed?): "
+                        f"{', '.join(removed)}")
+    if problems:
+        raise FerdError(f"compare: {'; '.join(problems)}; rerun to run them: finished experiments are kept")
     return waiting

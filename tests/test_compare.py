@@ -391,6 +391,33 @@ def test_run_queued_skips_waits_requeues_and_names_the_failures(monkeypatch):
         "plain-s0: queued", "plain-s0: running", "plain-s0: failed"]
 
 
+def test_run_queued_names_a_removed_experiment_apart_from_the_failures(monkeypatch):
+    """A task taken out of the queue (`dvc queue remove`) vanishes from the status and from exp show:
+    it did not fail and has no log, so the error says it was not run instead of pointing at a log."""
+    import ferd.compare as cmp
+
+    def show(*exps):
+        return [{"rev": "head", "experiments": list(exps)}]
+
+    shows = [show(),
+             show(_queued("plain-s0", "aaaaaaa1", "queued"), _queued("dfhl-s0", "bbbbbbb1", "queued")),
+             show(_queued("plain-s0", "aaaaaaa1", "success"))]  # dfhl-s0 was removed
+    statuses = [_status({"aaaaaaa": ("plain-s0", "Running"), "bbbbbbb": ("dfhl-s0", "Queued")}, "1 active, 0 idle"),
+                _status({"aaaaaaa": ("plain-s0", "Success")}, "0 active, 0 idle")]
+    fake = FakeDvc(shows, statuses)
+    monkeypatch.setattr(cmp, "exp_show", fake.exp_show)
+    monkeypatch.setattr(cmp, "_dvc", fake.dvc)
+    monkeypatch.setattr(cmp, "_git", lambda *a, cwd: "")
+    monkeypatch.setattr(cmp, "_restore_from_head", lambda cwd: None)
+    monkeypatch.setattr(cmp, "_run_shared_stages", lambda first, dvc, cwd: None)
+    monkeypatch.setattr(cmp, "_start_workers", lambda dvc, jobs, cwd: None)
+    with pytest.raises(FerdError) as err:
+        cmp.run_queued(plan(["plain", "dfhl"], [0], {}), jobs=2, echo=lambda m: None, sleep=lambda s: None)
+    message = str(err.value)
+    assert "1 of 2 left the queue without running (removed?): dfhl-s0" in message
+    assert "failed" not in message and "queue logs" not in message and "plain-s0" not in message
+
+
 def test_run_queued_with_everything_finished_queues_nothing(monkeypatch):
     import ferd.compare as cmp
 
