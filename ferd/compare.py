@@ -782,5 +782,5 @@ def run_queued(experiments: list[Experiment], *, jobs: int, dvc: str = "dvc", cw
         problems.append(f"{len(removed)} of {len(waiting)} left the queue without running (removed?): "
                         f"{', '.join(removed)}")
     if problems:
-        raise FerdError(f"compare: {'; '.join(problems)}; rerun to run them: finished experiments are kept")
+        raise FerdError(f"compare: {'; '.join(problems)}; then rerun: finished experiments are kept")
     return waiting
