@@ -60,7 +60,7 @@ def craft_hee(model: nn.Module, x: Tensor, *, steps: int, step_size: float) -> T
 
 
 def craft_boundary(kind: str, student: nn.Module, teacher: nn.Module, x: Tensor, *, steps: int,
-                   step_size: float, global_rows: tuple[int, int] | None = None) -> Tensor:
+                   step_size: float, global_rows: tuple[int, int] | None = None, hee_share: float = 0.5) -> Tensor:
     """The boundary term's examples x_H (``distill.boundary``, beyond the paper), by signed ascent from ``x``:
 
     - ``hee``: DFHL's high-entropy examples of the **student** (:func:`craft_hee`), where the student is
@@ -70,18 +70,22 @@ def craft_boundary(kind: str, student: nn.Module, teacher: nn.Module, x: Tensor,
     - ``disagree``: the teacher–student discrepancy ``KL(softmax(T(x)) ‖ softmax(S(x)))``, the hard
       samples of data-free adversarial distillation (DFAD, Fang et al. 2019), aimed at wherever the
       student departs from the teacher;
-    - ``hee+disagree``: ``hee`` on the first half of the global boundary batch, ``disagree`` on the rest
-      (``global_rows`` = (index of ``x``'s first row in it, its size), default (0, len(x)), so that
-      data-parallel ranks split the rows as one process does).
+    - ``hee+disagree``: ``hee`` on the first ``⌊hee_share · size⌋`` rows of the global boundary batch
+      (``distill.boundary_hee_share``; a half by default), ``disagree`` on the rest (``global_rows`` =
+      (index of ``x``'s first row in it, its size), default (0, len(x)), so that data-parallel ranks
+      split the rows as one process does).
 
     Both networks are frozen in eval mode (restored afterwards), so every row's ascent is independent of
     the others'; ``steps · step_size`` bounds the move.
     """
     if steps < 0 or not step_size > 0:
         raise ValueError(f"craft_boundary: need steps >= 0 and step_size > 0 (got {steps}, {step_size})")
+    if not 0.0 < hee_share < 1.0:
+        raise ValueError(f"craft_boundary: need 0 < hee_share < 1 (got {hee_share})")
     if kind == "hee+disagree":
         start, total = (0, x.shape[0]) if global_rows is None else global_rows
-        split = min(max(total // 2 - start, 0), x.shape[0])  # this process's rows before the global half
+        head = int(hee_share * total)  # floor: 0.5 gives total // 2, as before the share was a parameter
+        split = min(max(head - start, 0), x.shape[0])  # this process's rows before the global hee/disagree boundary
         parts = [craft_boundary(part, student, teacher, rows, steps=steps, step_size=step_size)
                  for part, rows in (("hee", x[:split]), ("disagree", x[split:])) if rows.shape[0]]
         return torch.cat(parts)

@@ -260,13 +260,17 @@ class DistillConfig:
     mix_fraction: float = rng(0.5, ge=0.0, le=1.0)  # share of each batch that is mixed (weights ~ U(0, 1))
     # beyond the paper: a third term on examples near a class boundary, by signed ascent from x_F (ferd.adversaries.
     # craft_boundary): hee = the student's entropy (DFHL's HEEs), hee_teacher = the teacher's, disagree = KL(T || S),
-    # hee+disagree = hee on the first half of the rows, disagree on the rest
+    # hee+disagree = hee on the first boundary_hee_share of the rows, disagree on the rest
     boundary: Literal["none", "hee", "hee_teacher", "disagree", "hee+disagree"] = "none"
     lambda_boundary: float = rng(0.5, ge=0.0)  # its weight; x_H is labelled by the teacher on x_H itself
     boundary_fraction: float = rng(0.5, gt=0.0, le=1.0)  # share of each batch that gets an x_H (cost: boundary_steps passes)
     boundary_steps: int = rng(3, ge=1)  # the boundary examples' signed steps (of boundary_step_size x eps)
     boundary_step_size: float = rng(0.3, gt=0.0)  # x eps, like utae.step_size (3 x 0.3 eps: inside the eps-ball)
     boundary_from_epoch: int = rng(1, ge=1)  # first distillation epoch (1-based) with the term; earlier ones are plain
+    boundary_hee_share: float = rng(0.5, gt=0.0, lt=1.0)  # hee+disagree: share of the boundary rows that get hee
+    # beyond the paper: the saved student is an exponential moving average of the trained one's weights and
+    # BatchNorm statistics, updated after every step with this decay (0 = off: the last iterate)
+    ema: float = rng(0.0, ge=0.0, lt=1.0)
 
     def __post_init__(self) -> None:
         if self.utae_init == "cached" and self.adversary != "utae":

@@ -13,6 +13,11 @@ plus, with ``distill.boundary`` (beyond the paper; params.yaml's default ``hee+d
 of the batch (:func:`boundary_rows`, :func:`ferd.adversaries.craft_boundary`), from distillation epoch
 ``boundary_from_epoch`` on.
 
+With ``distill.ema`` > 0 (beyond the paper) the saved student is an exponential moving average of the
+trained student's weights and BatchNorm statistics (:func:`update_average`; Polyak averaging, as in
+the weight-averaged robust models of Gowal et al. 2020), not the last iterate; the run state keeps
+both, so a resumed run averages on exactly as an uninterrupted one.
+
 Optimisation (§2.7): SGD with momentum and weight decay; CosineAnnealingLR with T_max = total
 epochs, stepped once per epoch from epoch 1 *including the warm-up epochs* (§7 #6), so the student
 starts at the rate the schedule has after ``warmup`` steps.
@@ -64,6 +69,7 @@ __all__ = [
     "Pool",
     "student_loss",
     "train_student",
+    "update_average",
 ]
 
 #: Columns of every per-epoch log row (all floats; NaN for holdout metrics with an empty holdout).
@@ -253,6 +259,7 @@ class DistillState:
     generators of the loop (``sample``, ``augment``, ``utae``; CPU generators: on CUDA each epoch's
     device generators are seeded from them). ``pool``: the pool as it is now (it grows under the
     interleaved schedule; a view, its images possibly on the device, never changed by later appends).
+    ``ema``: the weight average's state dict (``distill.ema`` > 0; None when off).
     """
 
     student: dict[str, Tensor]
@@ -262,6 +269,7 @@ class DistillState:
     rng: dict[str, Tensor]
     log: list[dict[str, float]] = field(default_factory=list)
     pool: Pool | None = None
+    ema: dict[str, Tensor] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Nested dicts / lists / tensors for :class:`ferd.runstate.RunState`; the pool as append-only
@@ -283,6 +291,27 @@ class DistillState:
         if data.get("pool") is not None:
             data["pool"] = Pool(**join_parts(data["pool"]))
         return cls(**data)
+
+
+@torch.no_grad()
+def update_average(averaged: nn.Module, model: nn.Module, decay: float) -> None:
+    """``averaged ← decay · averaged + (1 − decay) · model`` over the parameters and floating-point buffers
+    (BatchNorm's running statistics); integer buffers (BatchNorm's batch count) are copied.
+
+    The two modules must have the same state-dict layout (``averaged`` is a deep copy of ``model``).
+    """
+    for avg, cur in zip(averaged.state_dict().values(), model.state_dict().values(), strict=True):
+        if avg.is_floating_point():
+            avg.lerp_(cur, 1.0 - decay)
+        else:
+            avg.copy_(cur)
+
+
+def average_decay(ema: float, updates_before: int) -> float:
+    """The decay of the ``updates_before + 1``-th average update: ``min(ema, (1 + n) / (10 + n))``, the
+    warm-up of TensorFlow's ExponentialMovingAverage, so the first steps do not anchor the average to the
+    random initialisation (0.1 for the first update, ``ema`` after ``(10·ema − 1) / (1 − ema)`` updates)."""
+    return min(ema, (1.0 + updates_before) / (10.0 + updates_before))
 
 
 def _cpu_copy(obj: Any) -> Any:
@@ -415,8 +444,9 @@ def train_student(
     every epoch. ``progress("distill", step, total, {})`` after every step, with ``epoch`` and the
     epoch's mean ``loss`` at its last step. A non-finite loss raises ``FerdError`` naming the epoch
     and its first bad step, once that epoch's steps are done. The teacher is used frozen in eval
-    mode; the student is left in eval mode. ``precision="bf16"``: CUDA autocast of the forward
-    passes. Returns the final state.
+    mode; the student is left in eval mode, holding the weight average when ``cfg.ema`` > 0 (the
+    holdout curve is then the average's too; ``state.student`` stays the trained iterate, ``state.ema``
+    the average). ``precision="bf16"``: CUDA autocast of the forward passes. Returns the final state.
 
     Under ``torch.distributed`` (``ferd.distributed``, more than one rank) the student trains with DDP
     and global BatchNorm: every rank draws the global batch (indices, augmentation, mixing, UTAE start
@@ -474,6 +504,13 @@ def train_student(
             pool = state.pool
         log = [dict(row) for row in state.log]
         start_k = state.epoch + 1
+    averaged = None  # distill.ema: the weight average (a frozen copy, never trained)
+    if cfg.ema > 0:
+        averaged = copy.deepcopy(student).eval().requires_grad_(False)
+        if state is not None:
+            if state.ema is None:
+                raise ValueError("train_student: distill.ema > 0 but the state to continue has no weight average")
+            averaged.load_state_dict(state.ema)
     net = distributed.data_parallel(student, device)  # the student's training passes (the student itself in one process)
 
     # where the pool lives: on the device when it fits (at its final size), else pinned staging
@@ -561,7 +598,7 @@ def train_student(
                     with amp():
                         x_h = craft_boundary(cfg.boundary, student, teacher, x_f[:bnd_rows], steps=cfg.boundary_steps,
                                              step_size=cfg.boundary_step_size * eps,
-                                             global_rows=bnd_global)
+                                             global_rows=bnd_global, hee_share=cfg.boundary_hee_share)
                     with torch.no_grad(), amp():
                         t_h = teacher(x_h).float()
                 net.train()
@@ -581,6 +618,8 @@ def train_student(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if averaged is not None:
+                    update_average(averaged, student, average_decay(cfg.ema, (k - 1) * cfg.steps + step - 1))
                 with torch.no_grad():
                     t_pred = t.argmax(dim=1)
                     t_pred_adv = t_pred if t_adv is None else t_adv.argmax(dim=1)
@@ -605,9 +644,10 @@ def train_student(
             scheduler.step()
 
             student.eval()
+            saved = student if averaged is None else averaged  # the model the stage will save
             if hold_t is not None:
-                clean_pred = run_attack(student, hold_x, hold_t, name="clean", eps=eps)
-                pgd_pred = run_attack(student, hold_x, hold_t, name="pgd", eps=eps, alpha=eps / 4,
+                clean_pred = run_attack(saved, hold_x, hold_t, name="clean", eps=eps)
+                pgd_pred = run_attack(saved, hold_x, hold_t, name="pgd", eps=eps, alpha=eps / 4,
                                       steps=HOLDOUT_PGD_STEPS, generator=torch_generator(seed, "distill/holdout-pgd"))
                 hold_clean = float((clean_pred == hold_t).float().mean())
                 hold_pgd = float((pgd_pred == hold_t).float().mean())
@@ -634,10 +674,13 @@ def train_student(
                 rng={name: g.get_state() for name, g in gens.items()},
                 log=[dict(row) for row in log],
                 pool=pool,
+                ema=None if averaged is None else _cpu_copy(averaged.state_dict()),
             )
             if on_epoch_end is not None:
                 on_epoch_end(last)
     distributed.revert_batchnorm(student)
+    if averaged is not None:
+        student.load_state_dict(averaged.state_dict())
     student.eval()
     assert last is not None  # at least one student epoch ran, or ``state`` had finished them all
     return last

@@ -14,9 +14,11 @@ from ferd.config import DistillConfig, UtaeConfig
 from ferd.distill import (
     LOG_COLUMNS,
     Pool,
+    average_decay,
     mix_batch,
     student_loss,
     train_student,
+    update_average,
 )
 from ferd.errors import FerdError
 from ferd.losses import ikl, kl_div
@@ -256,6 +258,57 @@ def test_resume_from_a_snapshot_gives_the_same_student():
     for k, v in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
     assert state.log == final.log
+
+
+def test_update_average_lerps_floats_and_copies_counts():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    averaged = _copy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.fill_(4.0)
+        model[1].num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in averaged.state_dict().items()}
+    update_average(averaged, model, 0.75)
+    for k, v in averaged.state_dict().items():
+        if v.is_floating_point():  # 0.75 x old + 0.25 x new
+            assert torch.allclose(v, 0.75 * before[k] + 0.25 * model.state_dict()[k]), k
+    assert int(averaged[1].num_batches_tracked) == 7
+    assert torch.allclose(averaged[1].running_mean, torch.full((2,), 0.75 * 0.0 + 0.25 * 4.0))
+    # the TensorFlow warm-up: 0.1, 2/11, ... until the configured decay caps it
+    assert average_decay(0.99, 0) == pytest.approx(0.1)
+    assert average_decay(0.99, 1) == pytest.approx(2 / 11)
+    assert average_decay(0.99, 10_000) == 0.99
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_ema_saves_the_average_not_the_last_iterate_and_resumes_bit_for_bit():
+    cfg = replace(CFG, ema=0.9)
+    plain, _, plain_state = _train(holdout=HOLDOUT)
+    snaps = []
+    averaged, _, state = _train(cfg=cfg, holdout=HOLDOUT, on_epoch_end=snaps.append)
+    # the trained iterate is the one without averaging (the average never feeds training) ...
+    for k, v in plain_state.student.items():
+        assert torch.equal(state.student[k], v), k
+    # ... and the returned student is the average, which differs from it
+    for k, v in averaged.state_dict().items():
+        assert torch.equal(state.ema[k], v), k
+    assert any(not torch.equal(state.ema[k], v) for k, v in state.student.items() if v.is_floating_point())
+    with torch.no_grad():  # the holdout curve is the saved (averaged) model's
+        agree = (averaged(HOLDOUT).argmax(1) == _teacher()(HOLDOUT).argmax(1)).float().mean()
+    assert state.log[-1]["holdout_clean_acc"] == pytest.approx(float(agree))
+    assert all(math.isfinite(row["holdout_clean_acc"]) for row in state.log)
+    resumed, _, again = _train(cfg=cfg, holdout=HOLDOUT, student=_net(7), state=snaps[0])
+    for k, v in averaged.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    assert again.log == state.log
+    with pytest.raises(ValueError, match="no weight average"):
+        _train(cfg=cfg, state=_train(on_epoch_end=None)[2])  # a state made without the average
 
 
 def test_interleaved_synthesize_called_each_epoch_and_pool_grows():

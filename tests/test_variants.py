@@ -140,6 +140,15 @@ def test_boundary_hee_plus_disagree_splits_the_global_rows_in_halves():
     ranks = [craft_boundary("hee+disagree", student, teacher, x[a:b], global_rows=(a, 10), **kw)
              for a, b in ((0, 3), (3, 7), (7, 10))]
     assert torch.allclose(torch.cat(ranks), both, atol=1e-6)
+    # distill.boundary_hee_share: the first floor(share x rows) rows are hee, the rest disagree
+    quarter = craft_boundary("hee+disagree", student, teacher, x, hee_share=0.25, **kw)
+    assert torch.allclose(quarter[:2], craft_boundary("hee", student, teacher, x[:2], **kw), atol=1e-6)
+    assert torch.allclose(quarter[2:], craft_boundary("disagree", student, teacher, x[2:], **kw), atol=1e-6)
+    ranks = [craft_boundary("hee+disagree", student, teacher, x[a:b], global_rows=(a, 10), hee_share=0.25, **kw)
+             for a, b in ((0, 1), (1, 6), (6, 10))]
+    assert torch.allclose(torch.cat(ranks), quarter, atol=1e-6)
+    with pytest.raises(ValueError, match="hee_share"):
+        craft_boundary("hee+disagree", student, teacher, x, hee_share=1.0, **kw)
 
 
 def test_boundary_kinds_are_checked():
