@@ -67,6 +67,7 @@ __all__ = [
     "LOG_COLUMNS",
     "DistillState",
     "Pool",
+    "average_decay",
     "student_loss",
     "train_student",
     "update_average",
