@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
 
@@ -262,7 +263,7 @@ def test_resume_from_a_snapshot_gives_the_same_student():
 
 def test_update_average_lerps_floats_and_copies_counts():
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    averaged = _copy(model)
+    averaged = copy.deepcopy(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -279,12 +280,6 @@ def test_update_average_lerps_floats_and_copies_counts():
     assert average_decay(0.99, 0) == pytest.approx(0.1)
     assert average_decay(0.99, 1) == pytest.approx(2 / 11)
     assert average_decay(0.99, 10_000) == 0.99
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def test_ema_saves_the_average_not_the_last_iterate_and_resumes_bit_for_bit():
