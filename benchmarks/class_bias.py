@@ -33,9 +33,10 @@ from torch import Tensor, nn
 
 from ferd.adversaries import craft_boundary
 from ferd.artifacts import load_h5, load_model
-from ferd.attacks import pgd
+from ferd.attacks import run_attack
 from ferd.config import load_params
 from ferd.data import class_balanced_subset, load_split
+from ferd.metrics import per_class_accuracy
 
 
 class Biased(nn.Module):
@@ -80,20 +81,13 @@ def argmax_counts(logits: Tensor, num_classes: int) -> list[int]:
     return torch.bincount(logits.argmax(1), minlength=num_classes).tolist()
 
 
-def per_class_accuracy(pred: Tensor, y: Tensor, num_classes: int) -> Tensor:
-    return torch.stack([(pred[y == c] == c).float().mean() for c in range(num_classes)])
-
-
 def evaluate_biased(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_classes: int,
                     batch_size: int = 500) -> tuple[Tensor, Tensor]:
     """Per-class clean and PGD-20 (step 0.25 ε, one random start, seed 0) accuracy of ``model``."""
-    model.eval()
-    clean = per_class_accuracy(batched_logits(model, x).argmax(1), y, num_classes)
-    gen = torch.Generator().manual_seed(0)
-    adv = torch.cat([pgd(model, x[i:i + batch_size], y[i:i + batch_size], eps=eps, alpha=0.25 * eps, steps=20,
-                         generator=gen) for i in range(0, len(x), batch_size)])
-    robust = per_class_accuracy(batched_logits(model, adv).argmax(1), y, num_classes)
-    return clean, robust
+    clean = run_attack(model, x, y, name="clean", eps=eps, batch_size=batch_size)
+    robust = run_attack(model, x, y, name="pgd", eps=eps, alpha=0.25 * eps, steps=20, batch_size=batch_size,
+                        generator=torch.Generator().manual_seed(0))
+    return per_class_accuracy(clean, y, num_classes), per_class_accuracy(robust, y, num_classes)
 
 
 def synthetic_sets(pool_x: Tensor, student: nn.Module, teacher: nn.Module, eps: float,
