@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: ferd and stages are importable
 
-from ferd.config import params_from_mapping, read_params_mapping, yaml_load  # noqa: E402
+from ferd.config import params_from_mapping, parse_set_options, read_params_mapping  # noqa: E402
 from ferd.errors import ConfigError, FerdError  # noqa: E402
 
 
@@ -49,17 +49,6 @@ class Inputs(NamedTuple):
     pool: Path
     probe: Path
     utae: Path
-
-
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings as a mapping, values read as YAML (as DVC's ``-S`` reads them)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set: expected KEY=VALUE (e.g. distill.steps=160), got {item!r}")
-        out[key.strip()] = yaml_load(value)
-    return out
 
 
 def seed_params(base: Path, overrides: dict[str, Any], seed: int, autoattack: str) -> dict[str, Any]:
@@ -219,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     import yaml
 
     try:  # every seed's params are validated before anything is written
-        overrides = parse_sets(args.sets)
+        overrides = parse_set_options(args.sets)
         per_seed = {seed: seed_params(args.params, overrides, seed, args.autoattack) for seed in seeds}
         for raw in per_seed.values():
             params_from_mapping(raw)

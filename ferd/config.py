@@ -466,6 +466,20 @@ def yaml_load(text: str) -> Any:
         loader.dispose()
 
 
+def parse_set_options(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` command-line overrides as a mapping, each value read as DVC's ``-S`` reads it (:func:`yaml_load`).
+
+    ``flag`` names the option in the one-line error a malformed item gets.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag}: expected KEY=VALUE (e.g. distill.steps=20), got {item!r}")
+        out[key.strip()] = yaml_load(value)
+    return out
+
+
 def read_params_mapping(path: str | Path) -> dict[str, Any]:
     """``path``'s YAML as a plain mapping, not yet validated; a one-line ConfigError if it is missing or not YAML."""
     import yaml

@@ -32,19 +32,6 @@ def _ints(text: str) -> list[int]:
         raise ConfigError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
 
 
-def _sets(items: list[str]) -> dict[str, object]:
-    from ferd.config import yaml_load
-    from ferd.errors import ConfigError
-
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set: expected KEY=VALUE (e.g. distill.steps=20), got {item!r}")
-        out[key.strip()] = yaml_load(value)  # as DVC's -S reads it: `off` stays a string
-    return out
-
-
 @handles_errors
 def command(
     run: Annotated[bool, typer.Option("--run", help="Run the missing experiments first (takes long).")] = False,
@@ -89,6 +76,7 @@ def command(
         summarise,
         worst_class_chart,
     )
+    from ferd.config import parse_set_options
     from ferd.errors import FerdError
     from ferd.variants import VARIANTS, variant
 
@@ -99,7 +87,7 @@ def command(
     for name in names:
         variant(name)  # a clear error for an unknown name
     variant(baseline)
-    experiments = plan(names, _ints(seeds), load_setting(setting), _sets(set_ or []))
+    experiments = plan(names, _ints(seeds), load_setting(setting), parse_set_options(set_ or []))
     queue = jobs is not None and jobs > 1
     if dry_run:
         for exp in experiments:

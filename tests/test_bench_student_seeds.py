@@ -23,7 +23,7 @@ def bench():
 
 def test_seed_params_apply_overrides_seed_and_autoattack(bench, tmp_path):
     base = write_params(tmp_path / "params.yaml", tiny_params())
-    sets = bench.parse_sets(["distill.steps=7", "distill.boundary=hee", "fae.lambda_uni=0"])
+    sets = bench.parse_set_options(["distill.steps=7", "distill.boundary=hee", "fae.lambda_uni=0"])
     assert sets == {"distill.steps": 7, "distill.boundary": "hee", "fae.lambda_uni": 0}
     raw = bench.seed_params(base, sets, 3, "off")
     assert raw["seed"] == 3 and raw["evaluate"]["autoattack"] == "off"
@@ -31,7 +31,7 @@ def test_seed_params_apply_overrides_seed_and_autoattack(bench, tmp_path):
     assert raw["distill"]["width"] == 4  # the rest of the base is kept
     assert yaml.safe_load(base.read_text())["seed"] == 0  # the base file is not touched
     with pytest.raises(bench.ConfigError, match="KEY=VALUE"):
-        bench.parse_sets(["distill.steps"])
+        bench.parse_set_options(["distill.steps"])
     with pytest.raises(bench.ConfigError, match="not a section"):
         bench.seed_params(base, {"seed.x": 1}, 0, "off")
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from ferd.config import ARCHITECTURES, Params, load_params, params_from_mapping
+from ferd.config import ARCHITECTURES, Params, load_params, params_from_mapping, parse_set_options
 from ferd.errors import ConfigError
 from tests.conftest import REPO, tiny_params, write_params
 
@@ -85,3 +85,12 @@ def test_a_removed_key_says_why_it_is_gone():
     raw = {"distill": {"holdout_per_class": 4}}
     with pytest.raises(ConfigError, match=r"'distill.holdout_per_class' was removed: the distillation holdout is now"):
         params_from_mapping(raw)
+
+
+def test_set_options_read_values_as_dvc_does():
+    sets = parse_set_options(["distill.steps=160", "evaluate.autoattack=off", "fae.conditional=true", "x.y=0.5"])
+    assert sets == {"distill.steps": 160, "evaluate.autoattack": "off", "fae.conditional": True, "x.y": 0.5}
+    with pytest.raises(ConfigError, match=r"^--seeds-set: expected KEY=VALUE .*'distill.steps'$"):
+        parse_set_options(["distill.steps"], flag="--seeds-set")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set_options(["=3"])
