@@ -20,6 +20,14 @@ split (``evaluate.per_class``). The test split only reports; nothing is selected
     python benchmarks/student_seeds.py --seeds 0,1,2,3 --out runs/seeds/default
     python benchmarks/student_seeds.py --seeds 0,1 --out runs/seeds/steps160 --set distill.steps=160 --jobs 2
     python benchmarks/student_seeds.py --summary runs/seeds/default runs/seeds/steps160
+    python benchmarks/student_seeds.py --summary runs/seeds/default --by-margin
+
+``--by-margin`` asks where the students lose a class: among the test images the teacher gets right,
+binned by the teacher's margin p_y - max_{k != y} p_k, the share each student also gets right (mean ±
+std over the seeds), per class. It separates two causes of a low transfer: a class whose teacher
+decisions are mostly low-margin (a student loses those in every class) and a class the students
+lose even where the teacher is sure. ``expected from the margin mix`` is the share the class would keep
+if each of its bins were kept at the all-class rate.
 """
 
 from __future__ import annotations
@@ -157,6 +165,95 @@ def table(records: list[dict[str, Any]], threshold: float) -> str:
     return "\n".join(lines)
 
 
+MARGIN_BINS = (0.0, 0.2, 0.5, 1.0)
+
+
+def teacher_margin(probs: Any, y: Any) -> Any:
+    """p_y - max_{k != y} p_k per image (> 0 exactly where the teacher is right)."""
+    import torch
+
+    rows = torch.arange(len(y))
+    others = probs.clone()
+    others[rows, y] = -1.0
+    return probs[rows, y] - others.max(dim=1).values
+
+
+def margin_table(teacher_probs: Any, student_preds: list[Any], y: Any, names: list[str],
+                 bins: tuple[float, ...] = MARGIN_BINS) -> list[dict[str, Any]]:
+    """Per class (and ``all``): per margin bin of the teacher's correct images, their count and the share
+    each student keeps (mean, std over students); the share kept over all bins (mean over students);
+    and the share expected at the all-class keep rate of each bin (what the class's margin mix alone
+    would give). The last bin is closed (a margin of exactly 1 counts)."""
+    import torch
+
+    margin = teacher_margin(teacher_probs, y)
+    right = margin > 0
+
+    def bin_mask(i: int) -> Any:
+        upper = margin <= bins[i + 1] if i == len(bins) - 2 else margin < bins[i + 1]
+        return right & (margin >= bins[i]) & upper
+
+    def kept(mask: Any) -> list[float]:
+        return [float((pred[mask] == y[mask]).float().mean()) for pred in student_preds] if mask.any() else []
+
+    overall = [statistics.fmean(k) if (k := kept(bin_mask(i))) else 0.0 for i in range(len(bins) - 1)]
+    table = []
+    for c, name in [*enumerate(names), (None, "all")]:
+        in_class = (y == c) if c is not None else torch.ones_like(y, dtype=torch.bool)
+        cells = []
+        for i in range(len(bins) - 1):
+            mask = bin_mask(i) & in_class
+            k = kept(mask)
+            cells.append({"n": int(mask.sum()), "kept": statistics.fmean(k) if k else float("nan"),
+                          "std": statistics.stdev(k) if len(k) > 1 else 0.0, "each": k})
+        n_right = sum(cell["n"] for cell in cells)
+        expected = sum(cell["n"] * rate for cell, rate in zip(cells, overall, strict=True)) / n_right if n_right else float("nan")
+        total = kept(right & in_class)
+        table.append({"class": name, "bins": cells, "kept": statistics.fmean(total) if total else float("nan"),
+                      "expected": expected})
+    return table
+
+
+def by_margin(out_dirs: list[Path], params_path: Path, teacher_path: Path) -> str:
+    """``margin_table`` of the finished students under ``out_dirs`` on the full test split, as markdown."""
+    import torch
+
+    from ferd.artifacts import load_model
+    from ferd.config import load_params
+    from ferd.data import load_split
+
+    params = load_params(params_path)
+    test = load_split(params.data, "test")
+    x, y = test.images(), test.y
+
+    @torch.no_grad()
+    def outputs(model: Any) -> Any:
+        return torch.cat([model(x[i:i + 1000]) for i in range(0, len(x), 1000)])
+
+    teacher, _ = load_model(teacher_path)
+    paths = [p for out in out_dirs for p in sorted(out.glob("seed-*/student.safetensors"))
+             if (p.parent / "student.json").is_file()]  # finished runs only
+    students = [load_model(p, produced_by="distill")[0] for p in paths]
+    if not students:
+        raise SystemExit(f"error: no finished students under {', '.join(map(str, out_dirs))}")
+    rows = margin_table(outputs(teacher).softmax(dim=1), [outputs(s).argmax(dim=1) for s in students], y,
+                        list(test.class_names))
+    heads = [f"margin [{lo:g}, {hi:g}{']' if i == len(MARGIN_BINS) - 2 else ')'}: n, kept"
+             for i, (lo, hi) in enumerate(zip(MARGIN_BINS[:-1], MARGIN_BINS[1:], strict=True))]
+    lines = [f"Test images the teacher gets right, by its margin; kept = share the {len(students)} students get "
+             "right too (mean ± std)", "", "| class | " + " | ".join(heads) + " | kept | expected from the margin mix |",
+             "|---|" + "---|" * (len(heads) + 2)]
+    for row in rows:
+        cells = [f"{b['n']}, {b['kept']:.2f} ± {b['std']:.2f}" for b in row["bins"]]
+        lines.append(f"| {row['class']} | " + " | ".join(cells) + f" | {row['kept']:.2f} | {row['expected']:.2f} |")
+    runs = [p.parent.name if len(out_dirs) == 1 else f"{p.parents[1].name}/{p.parent.name}" for p in paths]
+    lines += ["", f"The confident bin (margin >= {MARGIN_BINS[-2]:g}), kept by each student:", "",
+              "| class | " + " | ".join(map(str, runs)) + " |", "|---|" + "---|" * len(runs)]
+    for row in rows:
+        lines.append(f"| {row['class']} | " + " | ".join(f"{k:.2f}" for k in row["bins"][-1]["each"]) + " |")
+    return "\n".join(lines)
+
+
 def show(out_dirs: list[Path], threshold: float) -> None:
     for out in out_dirs:
         runs = sorted((p for p in out.glob("seed-*") if p.is_dir()), key=lambda p: int(p.name.split("-", 1)[1]))
@@ -186,9 +283,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--autoattack", default="off", choices=("off", "fast", "standard"))
     parser.add_argument("--threshold", type=float, default=0.6, help="the transfer every class should reach")
     parser.add_argument("--summary", nargs="+", type=Path, metavar="OUT", help="tabulate finished runs; run nothing")
+    parser.add_argument("--by-margin", action="store_true",
+                        help="with --summary: where the students lose each class, by the teacher's margin")
     args = parser.parse_args(argv)
     if args.summary:
         show(args.summary, args.threshold)
+        if args.by_margin:
+            print("\n" + by_margin(args.summary, args.params, args.teacher))
         return
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

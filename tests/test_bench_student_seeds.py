@@ -128,3 +128,34 @@ def test_two_seeds_on_one_pool(bench, tiny_teacher, tmp_path, capsys):
         assert bench.read_run(run)["images"] == 48  # the tiny test split: 12 per class
     students = [(out / f"seed-{s}/student.safetensors").read_bytes() for s in (0, 1)]
     assert students[0] != students[1]  # the seed reaches the student
+    bench.main(["--summary", str(out), "--by-margin", "--params", str(params), "--teacher", str(tiny_teacher)])
+    text = capsys.readouterr().out
+    assert "the 2 students get right" in text and "| class | seed-0 | seed-1 |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "margin [" not in line]
+    assert [r.split("|")[1].strip() for r in rows[-5:]] == ["class0", "class1", "class2", "class3", "all"]
+
+
+def test_margin_table_bins_the_teachers_right_answers(bench):
+    import torch
+
+    probs = torch.tensor([
+        [0.90, 0.05, 0.05],  # class 0, margin 0.85 (sure)
+        [0.50, 0.40, 0.10],  # class 0, margin 0.10 (close)
+        [0.30, 0.60, 0.10],  # class 1, margin 0.30
+        [0.00, 1.00, 0.00],  # class 1, margin 1.00 (the closed last bin)
+        [0.60, 0.10, 0.30],  # class 2: the teacher is wrong (margin -0.30), never counted
+    ])
+    y = torch.tensor([0, 0, 1, 1, 2])
+    torch.testing.assert_close(bench.teacher_margin(probs, y), torch.tensor([0.85, 0.10, 0.30, 1.00, -0.30]))
+    students = [torch.tensor([0, 1, 1, 1, 2]),   # drops the close class-0 image
+                torch.tensor([0, 0, 0, 1, 0])]   # drops the class-1 image at margin 0.30
+    rows = {r["class"]: r for r in bench.margin_table(probs, students, y, ["a", "b", "c"])}
+    assert [b["n"] for b in rows["a"]["bins"]] == [1, 0, 1] and [b["n"] for b in rows["b"]["bins"]] == [0, 1, 1]
+    assert [b["n"] for b in rows["c"]["bins"]] == [0, 0, 0] and rows["all"]["bins"][2]["n"] == 2
+    close, mid, sure = rows["a"]["bins"][0], rows["b"]["bins"][1], rows["all"]["bins"][2]
+    assert (close["kept"], mid["kept"], sure["kept"]) == (0.5, 0.5, 1.0)
+    assert close["std"] == pytest.approx(2 ** -0.5)  # kept 0 and 1 by the two students
+    assert rows["a"]["kept"] == 0.75 and rows["b"]["kept"] == 0.75
+    # all-class keep rates per bin: 0.5, 0.5, 1.0; class a's mix (one close, one sure) expects 0.75
+    assert rows["a"]["expected"] == pytest.approx(0.75) and rows["b"]["expected"] == pytest.approx(0.75)
+    assert rows["all"]["expected"] == pytest.approx(rows["all"]["kept"])
