@@ -271,8 +271,15 @@ class DistillConfig:
     # beyond the paper: the saved student is an exponential moving average of the trained one's weights and
     # BatchNorm statistics, updated after every step with this decay (0 = off: the last iterate)
     ema: float = rng(0.0, ge=0.0, lt=1.0)
+    # the paper's pool growth: student epoch k trains on the images of synthesis epochs <= warmup + k (true);
+    # false (staged schedule only): the whole cached pool from the first student epoch
+    pool_growth: bool = True
 
     def __post_init__(self) -> None:
+        if not self.pool_growth and self.schedule == "interleaved":
+            raise ConfigError("distill.pool_growth: false trains on the whole cached pool from the start, but the "
+                              "interleaved schedule synthesises the pool during distillation; set "
+                              "distill.schedule: staged or distill.pool_growth: true")
         if self.utae_init == "cached" and self.adversary != "utae":
             raise ConfigError(f"distill.utae_init: 'cached' starts from gen-utae's UTAEs, which distill.adversary "
                               f"{self.adversary!r} does not use; set distill.utae_init: noise")

@@ -24,7 +24,10 @@ starts at the rate the schedule has after ``warmup`` steps.
 
 Pool growth (DESIGN ``distill.schedule``): student epoch k (global epoch warmup + k) trains on the
 images synthesised in epochs ≤ warmup + k. ``staged``: the cached pool already holds every epoch;
-``interleaved``: a ``synthesize(epoch, student)`` callback appends that epoch's batch first.
+``interleaved``: a ``synthesize(epoch, student)`` callback appends that epoch's batch first. With
+``distill.pool_growth: false`` (staged only, beyond the paper) every epoch trains on the whole
+cached pool: in ``staged`` the growth only emulates the paper's alternation (docs/results.md measures
+what training on all of it from the start changes).
 
 A fixed class-balanced holdout of synthetic images that are not in the pool (the probe set of
 ``ferd probe``, never trained on) gives a per-epoch synthetic clean / PGD-10 curve against the
@@ -544,9 +547,10 @@ def train_student(
                 if not resident:
                     gather.sources[0] = pool.x
             bnd_on = bnd_rows > 0 and k >= cfg.boundary_from_epoch  # distill.boundary_from_epoch: plain before it
-            idx = torch.nonzero(pool.epoch <= epoch, as_tuple=False).flatten()
+            upto = epoch if cfg.pool_growth else total_epochs  # pool_growth false: the whole cached pool throughout
+            idx = torch.nonzero(pool.epoch <= upto, as_tuple=False).flatten()
             if idx.numel() == 0:
-                raise FerdError(f"distill: epoch {epoch} has no training images (pool epochs <= {epoch})")
+                raise FerdError(f"distill: epoch {epoch} has no training images (pool epochs <= {upto})")
             lr = optimizer.param_groups[0]["lr"]
             # this epoch's per-step generators on the device (the CPU generators themselves on the CPU)
             dev_gens = {name: device_generator(g, device) for name, g in gens.items()}

@@ -21,7 +21,7 @@ from ferd.distill import (
     train_student,
     update_average,
 )
-from ferd.errors import FerdError
+from ferd.errors import ConfigError, FerdError
 from ferd.losses import ikl, kl_div
 from ferd.models import build_model
 
@@ -224,6 +224,21 @@ def test_staged_pool_grows_with_epochs_and_lr_schedule():
     lrs = [row["lr"] for row in state.log]
     for k, lr in enumerate(lrs, start=1):
         assert lr == pytest.approx(cfg.lr * (1 + math.cos(math.pi * k / 4)) / 2, rel=1e-6)
+
+
+def test_without_pool_growth_every_epoch_trains_on_the_whole_pool():
+    pool = _pool(3, 16)
+    pool.x[:32] *= 0.5  # as above: a pixel > 0.6 can only come from synthesis epoch 3
+    pool.x[32:] = 0.9
+    teacher = _Recorder(_teacher())
+    per_epoch = []
+    cfg = replace(CFG, pool_growth=False)
+    _, _, state = _train(pool, cfg=cfg, teacher=teacher, total_epochs=4, warmup=1,
+                         on_epoch_end=lambda s: per_epoch.append(list(teacher.calls)))
+    assert [row["pool_size"] for row in state.log] == [48.0, 48.0, 48.0]
+    assert any(per_epoch[0][:cfg.steps])  # epoch 3's images already in the first student epoch
+    with pytest.raises(ConfigError, match="pool_growth"):
+        DistillConfig(schedule="interleaved", pool_growth=False)
 
 
 def test_train_student_deterministic_teacher_frozen_and_log_complete():
