@@ -46,8 +46,8 @@ from typing import Any, NamedTuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: ferd and stages are importable
 
-from ferd.config import params_from_mapping, parse_set_options, read_params_mapping  # noqa: E402
-from ferd.errors import ConfigError, FerdError  # noqa: E402
+from ferd.config import apply_overrides, params_from_mapping, parse_set_options, read_params_mapping  # noqa: E402
+from ferd.errors import ConfigError, FerdError  # noqa: E402, F401  (ConfigError: what bad --set values raise)
 
 
 class Inputs(NamedTuple):
@@ -61,17 +61,7 @@ class Inputs(NamedTuple):
 
 def seed_params(base: Path, overrides: dict[str, Any], seed: int, autoattack: str) -> dict[str, Any]:
     """The base params with the overrides, ``seed`` and ``evaluate.autoattack`` applied (a nested mapping)."""
-    raw = read_params_mapping(base)
-    for dotted, value in {**overrides, "seed": seed, "evaluate.autoattack": autoattack}.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {dotted}: {part} is not a section")
-            node = child
-        node[leaf] = value
-    return raw
+    return apply_overrides(read_params_mapping(base), {**overrides, "seed": seed, "evaluate.autoattack": autoattack})
 
 
 def stage_commands(run: Path, params: Path, inputs: Inputs, start: str, threads: int) -> list[tuple[str, list[str]]]:

@@ -639,16 +639,9 @@ def _params_with(path: Path, overrides: dict[str, Any]) -> str:
     """params.yaml's text with dotted ``overrides`` applied (comments are lost: the file is restored afterwards)."""
     import yaml
 
-    from ferd.config import yaml_load
+    from ferd.config import apply_overrides, yaml_load
 
-    data = yaml_load(path.read_text()) or {}
-    for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(apply_overrides(yaml_load(path.read_text()) or {}, overrides), sort_keys=False)
 
 
 def _run_shared_stages(first: Experiment, dvc: str, cwd: Path) -> None:

@@ -502,16 +502,25 @@ def read_params_mapping(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not valid YAML{at}; fix the syntax") from None
 
 
-def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
-    """Read and validate ``path``; ``overrides`` maps dotted keys to values (``teacher.width: 8``)."""
-    raw = read_params_mapping(path)
-    for dotted, value in (overrides or {}).items():
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``teacher.width: 8``) in a params mapping in place, making missing sections; returns it.
+
+    A key that walks through a value that is not a section is a one-line ConfigError.
+    """
+    for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {part} is not a section")
         node[leaf] = value
-    return params_from_mapping(raw)
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read and validate ``path``; ``overrides`` maps dotted keys to values (``teacher.width: 8``)."""
+    return params_from_mapping(apply_overrides(read_params_mapping(path), overrides or {}))
 
 
 def as_dict(section: Any) -> dict[str, Any]:
