@@ -45,6 +45,7 @@ __all__ = [
     "paired_header",
     "paired_markdown",
     "exp_show",
+    "exp_show_settled",
     "fmt",
     "run_experiments",
     "run_queued",
@@ -52,6 +53,7 @@ __all__ = [
     "QueueEntry",
     "queue_entries",
     "queue_status",
+    "queue_tasks",
     "COLUMNS",
     "Experiment",
     "Record",
@@ -614,6 +616,24 @@ def queue_status(text: str) -> tuple[dict[str, str], tuple[int, int] | None]:
     return tasks, ((int(m[1]), int(m[2])) if m else None)
 
 
+def queue_tasks(text: str, names: list[str]) -> dict[str, str]:
+    """``dvc queue status`` output: {name: its task id (7 hex digits)} for each of ``names`` listed.
+
+    A name listed more than once keeps a queued or running task over a finished one. Read from
+    the queue, not from ``dvc exp show``: that one opens every running experiment's temporary
+    copy and fails when a worker removes the copy at that moment (a fast-failing experiment).
+    """
+    found: dict[str, tuple[str, str]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and re.fullmatch(r"[0-9a-f]{7,40}", parts[0]) and parts[1] in names:
+            task, state = parts[0][:7], parts[-1].lower()
+            if parts[1] not in found or (state in ("queued", "preparing", "running")
+                                         and found[parts[1]][1] not in ("queued", "preparing", "running")):
+                found[parts[1]] = (task, state)
+    return {name: task for name, (task, _) in found.items()}
+
+
 def missing_keys(path: Path, experiments: list[Experiment]) -> list[str]:
     """The experiments' override keys that ``path`` (params.yaml) lacks, sorted.
 
@@ -659,6 +679,21 @@ def _run_shared_stages(first: Experiment, dvc: str, cwd: Path) -> None:
                         f"failed (exit {proc.returncode}); fix the error above, nothing was queued")
 
 
+def exp_show_settled(dvc: str, cwd: Path, poll_seconds: float, sleep: Any, attempts: int = 5) -> list[dict[str, Any]]:
+    """``dvc exp show --json``, asked again (``attempts`` times, ``poll_seconds`` apart) while it fails.
+
+    It fails for a moment whenever a queue worker removes an experiment's temporary copy while
+    ``exp show`` reads it (a worker tidying up after a run, or one still running from an earlier,
+    interrupted ``ferd compare``); the last failure is raised.
+    """
+    for _ in range(attempts - 1):
+        try:
+            return exp_show(dvc, cwd, timeout=_POLL_TIMEOUT)
+        except FerdError:
+            sleep(poll_seconds)
+    return exp_show(dvc, cwd, timeout=_POLL_TIMEOUT)
+
+
 def run_queued(experiments: list[Experiment], *, jobs: int, dvc: str = "dvc", cwd: Path = Path("."),
                echo: Any = print, poll_seconds: float = 15.0, sleep: Any = time.sleep) -> list[str]:
     """Run the planned experiments in DVC's queue, ``jobs`` at a time; returns the names that finished now.
@@ -686,7 +721,7 @@ def run_queued(experiments: list[Experiment], *, jobs: int, dvc: str = "dvc", cw
         _git("rev-parse", "--verify", "HEAD", cwd=cwd)
     except FerdError:
         raise FerdError("compare: dvc exp needs a git repository with at least one commit; commit first") from None
-    shown = exp_show(dvc, cwd, timeout=_POLL_TIMEOUT)
+    shown = exp_show_settled(dvc, cwd, poll_seconds, sleep)
     entries = queue_entries(shown)
     done, _ = records_from_exp_show(shown)
     finished = {r.name for r in done}
@@ -714,15 +749,14 @@ def run_queued(experiments: list[Experiment], *, jobs: int, dvc: str = "dvc", cw
     waiting = [e.name for e in to_queue] + pending
     if not waiting:
         return []
-    # Task ids, read before any worker of ours starts: `dvc exp show` can hang while workers run
-    # (treeverse/dvc#8762), so the wait below polls `dvc queue status` alone.
-    entries = queue_entries(exp_show(dvc, cwd, timeout=_POLL_TIMEOUT))
-    tasks = {}
+    # Task ids from `dvc queue status`, as is the wait below: `dvc exp show` can hang while workers
+    # run (treeverse/dvc#8762) and fails when one removes its temporary copy meanwhile (a worker
+    # left from an earlier run may have taken a task already). Every earlier entry of a queued
+    # name was removed above, so an entry of that name is ours whatever its state.
+    tasks = queue_tasks(_dvc(dvc, "queue", "status", cwd=cwd, what="compare", timeout=_POLL_TIMEOUT), waiting)
     for name in waiting:
-        live = [e for e in entries.get(name, []) if e.state in _PENDING and e.rev]
-        if not live:
-            raise FerdError(f"compare: {name} was queued but `dvc exp show` does not list it; see `dvc queue status`")
-        tasks[name] = live[0].rev[:7]
+        if name not in tasks:
+            raise FerdError(f"compare: {name} was queued but `dvc queue status` does not list it")
     _start_workers(dvc, jobs, cwd)
     echo(f"running {len(waiting)} experiment(s), {jobs} at a time (`dvc queue status` shows them; "
          "`dvc queue kill NAME` stops one)")
@@ -754,14 +788,7 @@ def run_queued(experiments: list[Experiment], *, jobs: int, dvc: str = "dvc", cw
             idle_polls = 0
         sleep(poll_seconds)
     # a finished experiment has its own commit (no longer the task id): look it up by name
-    for attempt in range(3):  # the last worker may still be tidying up for a moment
-        try:
-            entries = queue_entries(exp_show(dvc, cwd, timeout=_POLL_TIMEOUT))
-            break
-        except FerdError:
-            if attempt == 2:
-                raise
-            sleep(poll_seconds)
+    entries = queue_entries(exp_show_settled(dvc, cwd, poll_seconds, sleep))
     # a task that vanished from the queue and from `dvc exp show` was removed (`dvc queue remove`), not
     # run: it has no log to read, so it is named apart from the failures
     removed = [n for n in waiting if last[n] == "missing" and not entries.get(n)]

@@ -58,7 +58,7 @@ def command(
     from ferd.compare import (
         COLUMNS,
         column_label,
-        exp_show,
+        exp_show_settled,
         experiment_name,
         fmt,
         images_note,
@@ -110,7 +110,10 @@ def command(
     elif run or jobs is not None:
         run_experiments(experiments, dvc=dvc, echo=console.print)
 
-    records, problems = records_from_exp_show(exp_show(dvc))
+    import time
+
+    # asked again while a queue worker (this run's last, or another's) removes a temporary copy
+    records, problems = records_from_exp_show(exp_show_settled(dvc, Path("."), poll, time.sleep))
     for problem in problems:
         console.print(f"[yellow]warning:[/] experiment {problem} is left out of the table")
     wanted = {e.name for e in experiments}

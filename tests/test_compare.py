@@ -21,6 +21,7 @@ from ferd.compare import (
     parse_experiment_name,
     plan,
     queue_status,
+    queue_tasks,
     records_from_exp_show,
     summarise,
     worst_class_chart,
@@ -165,7 +166,7 @@ def test_worst_class_chart_is_a_png(tmp_path):
 def test_compare_command_reads_exp_show(tmp_path, monkeypatch):
     from stages.cli import app
 
-    monkeypatch.setattr("ferd.compare.exp_show", lambda dvc="dvc", cwd=Path("."): _exp_show())
+    monkeypatch.setattr("ferd.compare.exp_show", lambda dvc="dvc", cwd=Path("."), timeout=None: _exp_show())
     dvc = str(Path(sys.executable).parent / "dvc")  # the venv's, whether or not it is on PATH
     result = CliRunner().invoke(app, ["compare", "--out", str(tmp_path), "--variants", "ferd,plain",
                                       "--setting", str(ROOT / "configs" / "compare.yaml"), "--dvc", dvc])
@@ -346,6 +347,57 @@ def test_queue_status_parsing():
     assert queue_status("nothing useful") == ({}, None)
 
 
+def test_queue_tasks_reads_task_ids_by_name():
+    text = _status({"aaaaaaa": ("plain-s0", "Failed"), "bbbbbbb": ("plain-s0", "Running"),
+                    "ccccccc": ("ferd-s0", "Failed"), "ddddddd": ("other-s0", "Queued")}, "1 active, 0 idle")
+    text += "eeeeeee  06:15 AM   Queued\n"  # an unnamed task: its second column is the time
+    assert queue_tasks(text, ["plain-s0", "ferd-s0", "dfhl-s0"]) == {"plain-s0": "bbbbbbb", "ferd-s0": "ccccccc"}
+
+
+def test_a_worker_that_took_the_task_already_does_not_break_the_wait(monkeypatch):
+    """A worker left running from an earlier compare can run (and fail) a new task before the wait
+    starts, and `dvc exp show` fails while it removes the task's temporary copy: the task id comes
+    from `dvc queue status`, exp show is asked again, and the error names the failure and its log."""
+    import ferd.compare as cmp
+
+    answers = [[{"rev": "head", "experiments": []}], FerdError("dvc exp show failed: ERROR: directory ... does not exist"),
+               [{"rev": "head", "experiments": [_queued("plain-s0", "aaaaaaa1", "failed")]}]]
+
+    def exp_show(dvc="dvc", cwd=Path("."), timeout=None):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    statuses = [_status({"aaaaaaa": ("plain-s0", "Failed")}, "0 active, 1 idle")] * 2
+    fake = FakeDvc([], list(statuses))
+    monkeypatch.setattr(cmp, "exp_show", exp_show)
+    monkeypatch.setattr(cmp, "_dvc", fake.dvc)
+    monkeypatch.setattr(cmp, "_git", lambda *a, cwd: "")
+    monkeypatch.setattr(cmp, "_restore_from_head", lambda cwd: None)
+    monkeypatch.setattr(cmp, "_run_shared_stages", lambda first, dvc, cwd: None)
+    monkeypatch.setattr(cmp, "_start_workers", lambda dvc, jobs, cwd: None)
+    slept = []
+    with pytest.raises(FerdError) as err:
+        cmp.run_queued(plan(["plain"], [0], {}), jobs=1, echo=lambda m: None, sleep=slept.append, poll_seconds=3)
+    assert "1 of 1 experiments failed: plain-s0 (`dvc queue logs aaaaaaa`)" in str(err.value)
+    assert answers == [] and slept == [3], "the task had ended: no wait, but exp show asked again after it failed"
+    assert fake.statuses == [], "task ids and one poll from `dvc queue status`"
+
+
+def test_exp_show_that_keeps_failing_is_reported(monkeypatch):
+    import ferd.compare as cmp
+
+    def exp_show(dvc="dvc", cwd=Path("."), timeout=None):
+        raise FerdError("dvc exp show failed: broken")
+
+    monkeypatch.setattr(cmp, "exp_show", exp_show)
+    slept = []
+    with pytest.raises(FerdError, match="broken"):
+        cmp.exp_show_settled("dvc", Path("."), 2.0, slept.append, attempts=4)
+    assert slept == [2.0, 2.0, 2.0]
+
+
 def test_run_queued_skips_waits_requeues_and_names_the_failures(monkeypatch):
     import ferd.compare as cmp
 
@@ -356,10 +408,10 @@ def test_run_queued_skips_waits_requeues_and_names_the_failures(monkeypatch):
         show(_queued("ferd-s0", "aaaaaaa1", "success"),   # finished: skipped
              _queued("plain-s0", "bbbbbbb1", "failed"),   # failed before: removed, queued again
              _queued("dfhl-s0", "ccccccc1", "running")),  # still running from an interrupted compare: waited for
-        show(_queued("plain-s0", "ddddddd1", "queued"), _queued("dfhl-s0", "ccccccc1", "running")),  # task ids
         show(_queued("plain-s0", "ddddddd1", "failed"), _queued("dfhl-s0", "ccccccc1", "success")),  # the end
     ]
     statuses = [
+        _status({"ddddddd": ("plain-s0", "Queued"), "ccccccc": ("dfhl-s0", "Running")}, "0 active, 0 idle"),  # task ids
         _status({"ddddddd": ("plain-s0", "Queued"), "ccccccc": ("dfhl-s0", "Running")}, "0 active, 0 idle"),
         _status({"ddddddd": ("plain-s0", "Queued"), "ccccccc": ("dfhl-s0", "Success")}, "0 active, 0 idle"),
         _status({"ddddddd": ("plain-s0", "Running"), "ccccccc": ("dfhl-s0", "Success")}, "1 active, 0 idle"),
@@ -399,10 +451,9 @@ def test_run_queued_names_a_removed_experiment_apart_from_the_failures(monkeypat
     def show(*exps):
         return [{"rev": "head", "experiments": list(exps)}]
 
-    shows = [show(),
-             show(_queued("plain-s0", "aaaaaaa1", "queued"), _queued("dfhl-s0", "bbbbbbb1", "queued")),
-             show(_queued("plain-s0", "aaaaaaa1", "success"))]  # dfhl-s0 was removed
-    statuses = [_status({"aaaaaaa": ("plain-s0", "Running"), "bbbbbbb": ("dfhl-s0", "Queued")}, "1 active, 0 idle"),
+    shows = [show(), show(_queued("plain-s0", "aaaaaaa1", "success"))]  # dfhl-s0 was removed
+    statuses = [_status({"aaaaaaa": ("plain-s0", "Queued"), "bbbbbbb": ("dfhl-s0", "Queued")}, "0 active, 0 idle"),
+                _status({"aaaaaaa": ("plain-s0", "Running"), "bbbbbbb": ("dfhl-s0", "Queued")}, "1 active, 0 idle"),
                 _status({"aaaaaaa": ("plain-s0", "Success")}, "0 active, 0 idle")]
     fake = FakeDvc(shows, statuses)
     monkeypatch.setattr(cmp, "exp_show", fake.exp_show)
